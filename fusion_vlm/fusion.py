@@ -1,0 +1,188 @@
+"""Step 4 of the data path: fuse vision tokens, question text and learnable query slots.
+
+The fusion module is a transformers ``LlamaModel`` (causal, RoPE) driven by
+``inputs_embeds``. One sequence per image reads::
+
+    [vision tokens][question 1][N slots][question 2][N' slots] ...
+
+Question text is tokenised by open_clip's CLIP BPE tokenizer and embedded by
+the module's own table (the LlamaModel's ``embed_tokens``). Slots come from a
+learnable codebook: a group of n slots uses codebook rows 0..n-2 followed by the
+learnable ``<eos>`` slot, so the last slot of every group is ``<eos>``. With
+``use_question=False`` the question tokens are dropped. The outputs at the slot
+positions (after the final RMSNorm) are the fused tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from fusion_vlm.config import FusionConfig
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe() -> SimpleTokenizer:
+    return SimpleTokenizer()
+
+
+class QuestionTokenizer:
+    """CLIP BPE for question text: ``text -> list[int]`` without start/end tokens, at most ``context_length`` ids."""
+
+    vocab_size = 49408
+
+    def __init__(self, context_length: int = 512):
+        self.context_length = context_length
+        self.bpe = _clip_bpe()
+
+    def __call__(self, text: str) -> list[int]:
+        """Token ids of ``text`` (lower-cased, cleaned by CLIP's rules), truncated with a warning."""
+        ids = self.bpe.encode(text)
+        if len(ids) > self.context_length:
+            warnings.warn(f"question of {len(ids)} CLIP tokens truncated to fusion.text_context_length="
+                          f"{self.context_length}: {text[:60]!r}...", stacklevel=2)
+            ids = ids[: self.context_length]
+        return ids
+
+
+@dataclass(frozen=True)
+class FusionLayout:
+    """Where everything sits in one fusion sequence (half-open ``(start, end)`` spans)."""
+
+    n_vision: int
+    question_spans: tuple[tuple[int, int], ...]  # one per group; empty spans when questions are dropped
+    slot_spans: tuple[tuple[int, int], ...]  # one per group; the last position of each is <eos>
+    length: int
+
+    @property
+    def eos_positions(self) -> list[int]:
+        """Position of the ``<eos>`` slot of each group."""
+        return [end - 1 for _, end in self.slot_spans]
+
+
+def group_sizes(n_groups: int, n_queries: int, n_later: int) -> list[int]:
+    """Slots per question group: ``[N, N', N', ...]`` for ``n_groups`` questions."""
+    return [n_queries if g == 0 else n_later for g in range(n_groups)]
+
+
+def plan_layout(n_vision: int, question_lengths: list[int], n_queries: int, n_later: int,
+                use_question: bool = True) -> FusionLayout:
+    """Lay out ``[vision][q1][N slots][q2][N' slots]...`` for questions of the given token lengths."""
+    if not question_lengths:
+        raise ValueError("a fusion sequence needs at least one question group")
+    if n_queries < 1 or n_later < 1:
+        raise ValueError(f"n_queries={n_queries}, n_queries_later={n_later}: both must be >= 1")
+    pos = n_vision
+    q_spans, s_spans = [], []
+    for n_q, n_slots in zip(question_lengths, group_sizes(len(question_lengths), n_queries, n_later)):
+        q_len = n_q if use_question else 0
+        q_spans.append((pos, pos + q_len))
+        pos += q_len
+        s_spans.append((pos, pos + n_slots))
+        pos += n_slots
+    return FusionLayout(n_vision, tuple(q_spans), tuple(s_spans), pos)
+
+
+@dataclass
+class FusionOutput:
+    """Fused tokens per sample and group: ``groups[b][g]`` is float [n_slots_g, H]."""
+
+    groups: list[list[torch.Tensor]]
+
+    def eos(self) -> torch.Tensor:
+        """The ``<eos>`` slot output of every group, in order: float [G_total, H]."""
+        return torch.stack([g[-1] for sample in self.groups for g in sample])
+
+    def non_eos(self) -> list[torch.Tensor]:
+        """The non-``<eos>`` slot outputs of every group: list of float [n_g - 1, H]."""
+        return [g[:-1] for sample in self.groups for g in sample]
+
+    def per_sample(self) -> list[torch.Tensor]:
+        """All fused tokens of each sample, groups concatenated: list of float [sum n_g, H]."""
+        return [torch.cat(sample, dim=0) for sample in self.groups]
+
+
+class FusionModule(nn.Module):
+    """Llama-style decoder over vision tokens, question tokens and query slots."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        llama = LlamaConfig(
+            vocab_size=QuestionTokenizer.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_positions,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=False,
+        )
+        llama._attn_implementation = cfg.attn_implementation
+        self.decoder = LlamaModel(llama)
+        self.queries = nn.Parameter(torch.randn(max(cfg.max_queries - 1, 0), cfg.hidden_size) * 0.02)
+        self.eos_slot = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        if cfg.grad_checkpointing:
+            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # noqa: E501
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The question-token embedding table, [49408, H]."""
+        return self.decoder.embed_tokens
+
+    def slots(self, n: int) -> torch.Tensor:
+        """Embeddings of one group of ``n`` slots: float [n, H], the last one ``<eos>``."""
+        if not 1 <= n <= self.cfg.max_queries:
+            raise ValueError(f"n_queries={n}: must be between 1 and fusion.max_queries={self.cfg.max_queries}")
+        return torch.cat([self.queries[: n - 1], self.eos_slot[None]], dim=0)
+
+    def build_sequence(self, vision: torch.Tensor, questions: list[list[int]], n_queries: int, n_later: int,
+                       use_question: bool) -> tuple[torch.Tensor, FusionLayout]:
+        """Input embeddings of one sample: vision float [T, H] -> ([L, H], layout)."""
+        layout = plan_layout(vision.shape[0], [len(q) for q in questions], n_queries, n_later, use_question)
+        parts = [vision]
+        device = self.eos_slot.device
+        for q, (start, end), (s0, s1) in zip(questions, layout.question_spans, layout.slot_spans):
+            if end > start:
+                parts.append(self.embed_tokens(torch.as_tensor(q, dtype=torch.long, device=device)))
+            parts.append(self.slots(s1 - s0))
+        dtype = self.eos_slot.dtype
+        return torch.cat([p.to(dtype) for p in parts], dim=0), layout
+
+    def forward(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int | None = None,
+                n_later: int | None = None, use_question: bool | None = None) -> FusionOutput:
+        """Fuse a batch.
+
+        ``vision[b]`` is float [T_b, H] (merged vision tokens of sample b),
+        ``questions[b][g]`` the CLIP ids of question g of sample b. Returns the
+        fused tokens of every group (``n_queries`` slots for the first group,
+        ``n_later`` for the others; defaults: the config's N and min(N, N'_config)).
+        """
+        n_queries = self.cfg.n_queries if n_queries is None else n_queries
+        n_later = min(n_queries, self.cfg.later) if n_later is None else n_later
+        if n_later > n_queries:
+            raise ValueError(f"n_queries_later={n_later} must be <= n_queries={n_queries}")
+        use_question = self.cfg.use_question if use_question is None else use_question
+        if len(vision) != len(questions):
+            raise ValueError(f"got {len(vision)} vision sequences but {len(questions)} question lists")
+        seqs, layouts = zip(*(self.build_sequence(v, q, n_queries, n_later, use_question)
+                              for v, q in zip(vision, questions)))
+        max_len = max(s.shape[0] for s in seqs)
+        if max_len > self.cfg.max_positions:
+            raise ValueError(f"fusion sequence of {max_len} tokens exceeds fusion.max_positions={self.cfg.max_positions}")
+        embeds = seqs[0].new_zeros(len(seqs), max_len, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), max_len, dtype=torch.long, device=embeds.device)
+        for b, s in enumerate(seqs):
+            embeds[b, : s.shape[0]] = s
+            mask[b, : s.shape[0]] = 1
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        groups = [[hidden[b, s0:s1] for s0, s1 in layout.slot_spans] for b, layout in enumerate(layouts)]
+        return FusionOutput(groups)

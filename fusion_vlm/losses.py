@@ -1,0 +1,71 @@
+"""Step 6 of the data path: the training losses (DESIGN.md §3).
+
+- contrastive: symmetric cross-entropy between the ``<eos>`` slot embeddings
+  and the CLIP text embeddings of the answers, logits scaled by exp(s);
+- identity: mean((Z Z^T - I)^2) over the L2-normalised non-``<eos>`` slots of
+  each question group (averaged over groups), pushing slots apart;
+- generation: next-token cross-entropy on answer tokens and the closing eos.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusion_vlm.language import IGNORE_INDEX
+
+
+def contrastive_loss(group_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over G pairs.
+
+    ``group_embed`` float [G, E] (``<eos>`` slots after the head), ``text_embed``
+    float [G, E] (CLIP text tower), ``logit_scale`` scalar s (logits use exp(s)).
+    Both embeddings are L2-normalised here. Returns a scalar.
+    """
+    if group_embed.shape != text_embed.shape:
+        raise ValueError(f"contrastive pairs differ in shape: {tuple(group_embed.shape)} vs {tuple(text_embed.shape)}")
+    a = F.normalize(group_embed.float(), dim=-1)
+    b = F.normalize(text_embed.float(), dim=-1)
+    logits = logit_scale.float().exp() * a @ b.T  # [G, G]
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def identity_loss(slots: list[torch.Tensor]) -> torch.Tensor:
+    """mean((Z Z^T - I)^2) per group, averaged over groups with at least one slot.
+
+    ``slots`` is a list of float [n_g, H] (non-``<eos>`` slot outputs of each group);
+    each row is L2-normalised. Groups with no slot (N = 1) contribute nothing;
+    returns 0 if no group has a slot.
+    """
+    losses = []
+    for z in slots:
+        if z.shape[0] == 0:
+            continue
+        z = F.normalize(z.float(), dim=-1)
+        gram = z @ z.T
+        eye = torch.eye(z.shape[0], device=z.device)
+        losses.append(((gram - eye) ** 2).mean())
+    if not losses:
+        ref = slots[0] if slots else torch.zeros(())
+        return ref.float().sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def generation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions.
+
+    ``logits`` float [K, V] are the predictions for the K target tokens
+    ``labels`` long [K] (already shifted; entries equal to -100 are ignored).
+    """
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions predicting a labelled token: labels long [B, L] -> (batch idx [K], pos idx [K], targets [K]).
+
+    Position t predicts token t+1, so the hidden state at t is paired with ``labels[:, t+1]``.
+    """
+    nxt = labels[:, 1:]
+    b, t = torch.nonzero(nxt != IGNORE_INDEX, as_tuple=True)
+    return b, t, nxt[b, t]

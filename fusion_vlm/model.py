@@ -1,0 +1,273 @@
+"""FusionVLM: the whole data path in one module.
+
+image -> views -> vision tower -> merge -> fusion -> projector -> frozen LLM -> loss.
+
+``model(batch, "contrastive")`` gives the stage-1 losses, ``model(batch,
+"generation")`` the stage-2/3 loss; :meth:`FusionVLM.generate` answers
+questions about images; :meth:`save_pretrained` / :meth:`from_pretrained`
+store the trained parts as safetensors next to ``config.yaml`` and a reference
+to the LLM (its weights only when asked, or when it is a random tiny LLM).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fusion_vlm.config import ModelConfig, load_model_config
+from fusion_vlm.fusion import FusionModule, FusionOutput
+from fusion_vlm.language import Projector, build_llm, build_prompt, load_tokenizer
+from fusion_vlm.losses import contrastive_loss, generation_loss, identity_loss, shift_targets
+from fusion_vlm.merge import TokenMerge, tokens_per_view
+from fusion_vlm.processor import Batch, FusionProcessor, collate
+from fusion_vlm.schema import apply_overrides, from_dict, save_config, to_dict
+from fusion_vlm.vision import VisionTower, build_clip
+
+STAGES = ("contrastive", "generation")
+TRAINED_FILE = "model.safetensors"
+LLM_FILE = "llm.safetensors"
+
+
+class FusionVLM(nn.Module):
+    """Question-fused visual-token reduction in front of a frozen causal LM."""
+
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        clip = build_clip(cfg.vision, cfg.views.view_size, device)
+        self.vision = VisionTower(clip.visual, cfg.vision, cfg.fusion.hidden_size)
+        clip.visual = None  # the text tower stays in `text_encoder`; the ViT lives in `vision`
+        self.text_encoder = clip
+        self.tokenizer = load_tokenizer(cfg.llm, offline_fallback=torch.device(device).type == "meta")
+        self.llm = build_llm(cfg.llm, self.tokenizer, device)
+        with torch.device(device):
+            self.merge = TokenMerge(cfg.fusion.hidden_size, cfg.merge)
+            self.fusion = FusionModule(cfg.fusion)
+            self.projector = Projector(cfg.fusion.hidden_size, self.llm.config.get_text_config().hidden_size,
+                                       cfg.projector)
+            embed_dim = cfg.loss.embed_dim or clip.text_projection.shape[-1]
+            self.contrastive_head = nn.Linear(cfg.fusion.hidden_size, embed_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(float(cfg.loss.logit_scale_init)))
+        self.vision.adapter.to(device)
+        if cfg.vision.freeze:
+            self.vision.requires_grad_(False)
+        self.processor = FusionProcessor(cfg, self.tokenizer)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg: ModelConfig | str = "tiny", overrides: list[str] | None = None,
+                    device: str | torch.device = "cpu") -> "FusionVLM":
+        """Build from a :class:`ModelConfig`, a preset name or a YAML path (plus overrides)."""
+        if not isinstance(cfg, ModelConfig):
+            cfg = load_model_config(cfg, overrides)
+        elif overrides:
+            cfg = from_dict(ModelConfig, apply_overrides(to_dict(cfg), overrides))
+        return cls(cfg, device)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the trainable parts."""
+        return self.fusion.eos_slot.device
+
+    def trainable_modules(self, stage: str) -> dict[str, nn.Module]:
+        """Modules trained in ``stage`` (DESIGN.md §4); the LLM never is."""
+        if stage not in STAGES:
+            raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+        mods = {"merge": self.merge, "fusion": self.fusion}
+        if not self.config.vision.freeze:
+            mods["vision"] = self.vision
+        if stage == "contrastive":
+            mods.update(text_encoder=self.text_encoder, contrastive_head=self.contrastive_head)
+        else:
+            mods["projector"] = self.projector
+        return mods
+
+    def set_stage(self, stage: str) -> list[nn.Parameter]:
+        """Freeze everything but ``stage``'s modules; return their parameters (for the optimizer)."""
+        self.requires_grad_(False)
+        params = []
+        for module in self.trainable_modules(stage).values():
+            module.requires_grad_(True)
+            params.extend(module.parameters())
+        if stage == "contrastive":
+            self.logit_scale.requires_grad_(True)
+            params.append(self.logit_scale)
+        self.llm.eval()
+        return params
+
+    def train(self, mode: bool = True) -> "FusionVLM":
+        """Like ``nn.Module.train`` but the frozen LLM always stays in eval mode."""
+        super().train(mode)
+        self.llm.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor, views_per_sample: list[int]) -> list[torch.Tensor]:
+        """Views float [sum V_b, 3, S, S] -> merged vision tokens per sample: list of [V_b * t, H]."""
+        if sum(views_per_sample) != pixel_values.shape[0]:
+            raise ValueError(f"views_per_sample sums to {sum(views_per_sample)} but pixel_values holds "
+                             f"{pixel_values.shape[0]} views")
+        merged = self.merge(self.vision(pixel_values.to(self.device)))  # [sum V, t, H]
+        return [m.flatten(0, 1) for m in torch.split(merged, views_per_sample)]
+
+    def fuse(self, batch: Batch) -> FusionOutput:
+        """Vision + questions + slots -> fused tokens of every group."""
+        vision = self.encode_images(batch.pixel_values, batch.views_per_sample)
+        return self.fusion(vision, batch.questions, batch.n_queries, batch.n_queries_later, batch.use_question)
+
+    def llm_embeddings(self, batch: Batch, fused: FusionOutput) -> torch.Tensor:
+        """LLM input embeddings [B, L, D] with projected fused tokens at ``batch.fused_mask``."""
+        embeds = self.llm.get_input_embeddings()(batch.input_ids.to(self.device)).clone()
+        per_sample = fused.per_sample()
+        counts = batch.fused_mask.sum(dim=1).tolist()
+        for b, (tokens, n) in enumerate(zip(per_sample, counts)):
+            if tokens.shape[0] != n:
+                raise ValueError(f"sample {b}: the fusion module produced {tokens.shape[0]} tokens but the prompt "
+                                 f"has {n} fused-token positions")
+        projected = self.projector(torch.cat(per_sample)).to(embeds.dtype)
+        embeds[batch.fused_mask.to(embeds.device)] = projected
+        return embeds
+
+    def forward(self, batch: Batch, stage: str = "generation") -> dict[str, torch.Tensor]:
+        """Named losses for ``stage``: {"loss", "contrastive", "identity"} or {"loss", "generation"}."""
+        batch = batch.to(self.device)
+        fused = self.fuse(batch)
+        if stage == "contrastive":
+            if batch.answer_tokens is None:
+                raise ValueError("the contrastive stage needs answer_tokens (build samples with "
+                                 "with_answers_for_contrastive=True)")
+            text = self.text_encoder.encode_text(batch.answer_tokens)
+            con = contrastive_loss(self.contrastive_head(fused.eos()), text, self.logit_scale)
+            ident = identity_loss(fused.non_eos())
+            loss = self.config.loss.contrastive_weight * con + self.config.loss.identity_weight * ident
+            return {"loss": loss, "contrastive": con.detach(), "identity": ident.detach()}
+        if stage != "generation":
+            raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+        embeds = self.llm_embeddings(batch, fused)
+        decoder = self.llm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        b, t, targets = shift_targets(batch.labels)
+        if targets.numel() == 0:
+            raise ValueError("batch has no labelled answer token")
+        logits = self.llm.get_output_embeddings()(hidden[b, t])
+        gen = generation_loss(logits, targets)
+        return {"loss": gen, "generation": gen.detach()}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, images: list, questions: list[list[str]], max_new_tokens: int = 64,
+                 n_queries: int | None = None, use_question: bool | None = None,
+                 n_queries_later: int | None = None, do_sample: bool = False, use_cache: bool = True,
+                 **gen_kwargs) -> list[list[str]]:
+        """Answer ``questions[b]`` (a multi-turn conversation) about ``images[b]``; returns answers[b][g].
+
+        All question groups of an image are fused in one pass (N slots for the
+        first question, N' for later ones); the LLM then answers turn by turn,
+        each turn seeing the earlier questions and its own answers, batched over
+        the images that have that turn. Greedy by default.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} question lists")
+        if any(len(q) == 0 for q in questions):
+            raise ValueError("every image needs at least one question")
+        n, later, use_q = self.processor.resolve(n_queries, n_queries_later, use_question)
+        pixels = [self.processor.pixel_values(img) for img in images]
+        vision = self.encode_images(torch.cat(pixels), [p.shape[0] for p in pixels])
+        ids = [[self.processor.question_tokenizer(q) for q in qs] for qs in questions]
+        fused = self.fusion(vision, ids, n, later, use_q).per_sample()
+        answers: list[list[str]] = [[] for _ in images]
+        for turn in range(max(len(q) for q in questions)):
+            rows = [b for b, qs in enumerate(questions) if len(qs) > turn]
+            prompts, tokens = [], []
+            for b in rows:
+                turns = list(zip(questions[b][:turn], answers[b])) + [(questions[b][turn], None)]
+                sizes = [n] + [later] * turn
+                prompts.append(build_prompt(self.tokenizer, turns, sizes, self.config.llm.system_prompt))
+                tokens.append(fused[b][: sum(sizes)])
+            texts = self._generate_turn(prompts, tokens, max_new_tokens, do_sample, use_cache, **gen_kwargs)
+            for b, text in zip(rows, texts):
+                answers[b].append(text)
+        return answers
+
+    def _generate_turn(self, prompts, fused_tokens, max_new_tokens, do_sample, use_cache, **gen_kwargs) -> list[str]:
+        """Left-pad prompts, insert projected fused tokens and decode with the LLM's ``generate``."""
+        pad = self.tokenizer.pad_token_id
+        length = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        fused_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            n = len(p.input_ids)
+            ids[i, length - n:] = torch.tensor(p.input_ids)
+            mask[i, length - n:] = 1
+            fused_mask[i, length - n:] = torch.tensor(p.fused_mask)
+        ids, mask, fused_mask = ids.to(self.device), mask.to(self.device), fused_mask.to(self.device)
+        embeds = self.llm.get_input_embeddings()(ids).clone()
+        embeds[fused_mask] = self.projector(torch.cat(fused_tokens)).to(embeds.dtype)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, use_cache=use_cache, pad_token_id=pad,
+                                eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ saving
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of every part except the LLM (vision, merge, fusion, projector, text tower, heads)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def save_pretrained(self, directory: str | Path, save_llm: bool | None = None) -> Path:
+        """Write ``config.yaml``, ``model.safetensors`` and, when needed, ``llm.safetensors`` + tokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, directory / "config.yaml")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trained_state_dict().items()}
+        save_file(state, str(directory / TRAINED_FILE), metadata={"format": "pt"})
+        with_llm = self.config.llm.path is None or (self.config.llm.save_weights if save_llm is None else save_llm)
+        if with_llm:
+            llm_state = {k: v.detach().contiguous().cpu() for k, v in self.llm.state_dict().items()}
+            save_file(_untie(llm_state), str(directory / LLM_FILE), metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(directory / "tokenizer")
+        (directory / "llm_reference.json").write_text(json.dumps(
+            {"path": self.config.llm.path, "weights_saved": with_llm}, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, overrides: list[str] | None = None,
+                        device: str | torch.device = "cpu") -> "FusionVLM":
+        """Load a directory written by :meth:`save_pretrained` (overrides such as ``fusion.n_queries=64``)."""
+        directory = Path(directory)
+        if not (directory / "config.yaml").is_file() or not (directory / TRAINED_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint '{directory}': no config.yaml / {TRAINED_FILE} (not a FusionVLM "
+                                    f"checkpoint)")
+        cfg = load_model_config(directory / "config.yaml", overrides)
+        if (directory / "tokenizer").is_dir():
+            cfg.llm.tokenizer = str(directory / "tokenizer")
+        cfg.vision.pretrained = None  # the trained vision weights come from model.safetensors
+        model = cls(cfg, device)
+        missing, unexpected = model.load_state_dict(load_file(str(directory / TRAINED_FILE)), strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint '{directory}': missing {missing[:5]} unexpected {unexpected[:5]}")
+        if (directory / LLM_FILE).is_file():
+            model.llm.load_state_dict(load_file(str(directory / LLM_FILE)), strict=False)
+            model.llm.tie_weights()
+        return model
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: clone tensors that alias an earlier one."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def vision_token_count(cfg: ModelConfig, n_views: int) -> int:
+    """Merged vision tokens entering the fusion module for ``n_views`` views (1450 for 10 paper views)."""
+    return n_views * tokens_per_view(cfg.views.view_size // cfg.vision.patch_size, cfg.merge)

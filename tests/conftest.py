@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny random-initialised FusionVLM and generated images (no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny preset, seeded, on the CPU in eval mode (shared: do not train it in a test)."""
+    from fusion_vlm.model import FusionVLM
+
+    torch.manual_seed(0)
+    model = FusionVLM.from_config("tiny")
+    model.eval()
+    return model
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB image with smooth gradients and a few coloured blocks."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                    np.full_like(x, int(rng.integers(0, 255)))], axis=-1).astype(np.uint8)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        arr[y0:y0 + height // 5 + 1, x0:x0 + width // 5 + 1] = rng.integers(0, 255, 3)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="session")
+def image_factory():
+    return make_image
