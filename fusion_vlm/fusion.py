@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
+from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from fusion_vlm.config import FusionConfig
 
@@ -108,6 +108,18 @@ class FusionOutput:
         return [torch.cat(sample, dim=0) for sample in self.groups]
 
 
+@dataclass
+class VisionPrefix:
+    """Keys and values of one image's vision tokens in every fusion layer.
+
+    Vision tokens come first and attention is causal, so these do not depend on
+    the question: compute them once per image, reuse them for every question.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values float [1, kv_heads, T, head_dim]
+    length: int  # T, the number of vision tokens
+
+
 class FusionModule(nn.Module):
     """Llama-style decoder over vision tokens, question tokens and query slots."""
 
@@ -186,3 +198,32 @@ class FusionModule(nn.Module):
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         groups = [[hidden[b, s0:s1] for s0, s1 in layout.slot_spans] for b, layout in enumerate(layouts)]
         return FusionOutput(groups)
+
+    def encode_prefix(self, vision: torch.Tensor) -> VisionPrefix:
+        """Run the vision tokens float [T, H] alone and keep their keys/values."""
+        cache = DynamicCache(config=self.decoder.config)
+        self.decoder(inputs_embeds=vision[None].to(self.eos_slot.dtype), use_cache=True, past_key_values=cache)
+        return VisionPrefix([(layer.keys, layer.values) for layer in cache.layers], vision.shape[0])
+
+    def fuse_with_prefix(self, prefix: VisionPrefix, questions: list[list[int]], n_queries: int,
+                         use_question: bool = True) -> list[torch.Tensor]:
+        """Fuse K independent questions about one image, each as a first group: list of K float [N, H].
+
+        Equivalent to ``forward`` on ``[vision][q_k][N slots]`` for each k, but
+        the vision part is read from ``prefix`` instead of being recomputed.
+        """
+        seqs = [self.build_sequence(self.eos_slot.new_zeros(0, self.cfg.hidden_size), [q], n_queries, n_queries,
+                                    use_question)[0] for q in questions]
+        k, length = len(seqs), max(s.shape[0] for s in seqs)
+        embeds = seqs[0].new_zeros(k, length, self.cfg.hidden_size)
+        mask = torch.ones(k, prefix.length + length, dtype=torch.long, device=embeds.device)
+        for i, seq in enumerate(seqs):
+            embeds[i, : seq.shape[0]] = seq
+            mask[i, prefix.length + seq.shape[0]:] = 0
+        cache = DynamicCache(config=self.decoder.config)
+        for layer, (keys, values) in enumerate(prefix.kv):
+            cache.update(keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1), layer)
+        positions = (prefix.length + torch.arange(length, device=embeds.device)).expand(k, length)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True).last_hidden_state
+        return [hidden[i, seq.shape[0] - n_queries: seq.shape[0]] for i, seq in enumerate(seqs)]

@@ -11,7 +11,9 @@ to the LLM (its weights only when asked, or when it is a random tiny LLM).
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusion_vlm.config import ModelConfig, load_model_config
-from fusion_vlm.fusion import FusionModule, FusionOutput
+from fusion_vlm.fusion import FusionModule, FusionOutput, VisionPrefix
 from fusion_vlm.language import Projector, build_llm, build_prompt, load_tokenizer
 from fusion_vlm.losses import contrastive_loss, generation_loss, identity_loss, shift_targets
 from fusion_vlm.merge import TokenMerge, tokens_per_view
@@ -57,6 +59,8 @@ class FusionVLM(nn.Module):
         if cfg.vision.freeze:
             self.vision.requires_grad_(False)
         self.processor = FusionProcessor(cfg, self.tokenizer)
+        self.prefix_cache_size = 8  # images whose fusion vision prefix generate() keeps (0 = off)
+        self._prefix_cache: OrderedDict[str, VisionPrefix] = OrderedDict()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -101,8 +105,9 @@ class FusionVLM(nn.Module):
         return params
 
     def train(self, mode: bool = True) -> "FusionVLM":
-        """Like ``nn.Module.train`` but the frozen LLM always stays in eval mode."""
+        """Like ``nn.Module.train`` but the frozen LLM always stays in eval mode (clears the prefix cache)."""
         super().train(mode)
+        self._prefix_cache.clear()
         self.llm.eval()
         return self
 
@@ -163,19 +168,29 @@ class FusionVLM(nn.Module):
     def generate(self, images: list, questions: list[list[str]], max_new_tokens: int = 64,
                  n_queries: int | None = None, use_question: bool | None = None,
                  n_queries_later: int | None = None, do_sample: bool = False, use_cache: bool = True,
-                 **gen_kwargs) -> list[list[str]]:
-        """Answer ``questions[b]`` (a multi-turn conversation) about ``images[b]``; returns answers[b][g].
+                 conversation: bool = True, reuse_vision_prefix: bool = True, **gen_kwargs) -> list[list[str]]:
+        """Answer ``questions[b]`` about ``images[b]``; returns answers[b][g].
 
+        ``conversation=True``: the questions form one multi-turn conversation.
         All question groups of an image are fused in one pass (N slots for the
-        first question, N' for later ones); the LLM then answers turn by turn,
-        each turn seeing the earlier questions and its own answers, batched over
-        the images that have that turn. Greedy by default.
+        first question, N' for later ones); the LLM answers turn by turn, each
+        turn seeing the earlier questions and its own answers, batched over the
+        images that have that turn.
+
+        ``conversation=False``: every question is asked on its own (N slots
+        each, as a benchmark does). With ``reuse_vision_prefix`` the fusion
+        keys/values of the vision tokens are computed once per image (and kept
+        for the next ``prefix_cache_size`` images) and shared by its questions.
+        Greedy by default.
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} question lists")
         if any(len(q) == 0 for q in questions):
             raise ValueError("every image needs at least one question")
         n, later, use_q = self.processor.resolve(n_queries, n_queries_later, use_question)
+        if not conversation:
+            return self._answer_independently(images, questions, n, use_q, reuse_vision_prefix,
+                                              max_new_tokens, do_sample, use_cache, **gen_kwargs)
         pixels = [self.processor.pixel_values(img) for img in images]
         vision = self.encode_images(torch.cat(pixels), [p.shape[0] for p in pixels])
         ids = [[self.processor.question_tokenizer(q) for q in qs] for qs in questions]
@@ -193,6 +208,38 @@ class FusionVLM(nn.Module):
             for b, text in zip(rows, texts):
                 answers[b].append(text)
         return answers
+
+    def _answer_independently(self, images, questions, n, use_q, reuse, max_new_tokens, do_sample, use_cache,
+                              **gen_kwargs) -> list[list[str]]:
+        """Each question alone: fused groups (from a shared vision prefix when ``reuse``), one LLM batch."""
+        prompts, fused = [], []
+        for image, qs in zip(images, questions):
+            pixels = self.processor.pixel_values(image)
+            ids = [self.processor.question_tokenizer(q) for q in qs]
+            if reuse:
+                groups = self.fusion.fuse_with_prefix(self.vision_prefix(pixels), ids, n, use_q)
+            else:
+                vision = self.encode_images(pixels, [pixels.shape[0]])
+                groups = [self.fusion(vision, [[q]], n, n, use_q).groups[0][0] for q in ids]
+            for q, g in zip(qs, groups):
+                prompts.append(build_prompt(self.tokenizer, [(q, None)], [n], self.config.llm.system_prompt))
+                fused.append(g)
+        texts = iter(self._generate_turn(prompts, fused, max_new_tokens, do_sample, use_cache, **gen_kwargs))
+        return [[next(texts) for _ in qs] for qs in questions]
+
+    def vision_prefix(self, pixel_values: torch.Tensor) -> VisionPrefix:
+        """Fusion keys/values of an image's vision tokens (views float [V, 3, S, S]), cached by content."""
+        key = hashlib.sha1(pixel_values.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        if key in self._prefix_cache:
+            self._prefix_cache.move_to_end(key)
+            return self._prefix_cache[key]
+        vision = self.encode_images(pixel_values, [pixel_values.shape[0]])[0]
+        prefix = self.fusion.encode_prefix(vision)
+        if self.prefix_cache_size > 0 and not torch.is_grad_enabled():
+            self._prefix_cache[key] = prefix
+            while len(self._prefix_cache) > self.prefix_cache_size:
+                self._prefix_cache.popitem(last=False)
+        return prefix
 
     def _generate_turn(self, prompts, fused_tokens, max_new_tokens, do_sample, use_cache, **gen_kwargs) -> list[str]:
         """Left-pad prompts, insert projected fused tokens and decode with the LLM's ``generate``."""

@@ -98,3 +98,27 @@ def test_mismatched_fused_count_is_loud(tiny_model, batch):
     bad.n_queries, bad.n_queries_later = 3, 3
     with pytest.raises(ValueError, match="fusion module produced 3 tokens"):
         tiny_model(bad, "generation")
+
+
+def test_vision_prefix_reuse_gives_identical_answers(tiny_model, image_factory):
+    images = [image_factory(500, 260, 6), image_factory(200, 200, 7)]
+    questions = [["What is left?", "Is there a red star?", "Count the circles."], ["Describe the image."]]
+    tiny_model._prefix_cache.clear()
+    reused = tiny_model.generate(images, questions, max_new_tokens=6, conversation=False)
+    assert len(tiny_model._prefix_cache) == 2  # one prefix per image, shared by its questions
+    fresh = tiny_model.generate(images, questions, max_new_tokens=6, conversation=False,
+                                reuse_vision_prefix=False)
+    assert reused == fresh and [len(a) for a in reused] == [3, 1]
+
+
+def test_fuse_with_prefix_equals_full_sequence(tiny_model, image_factory):
+    pixels = tiny_model.processor.pixel_values(image_factory(300, 300, 8))
+    qt = tiny_model.processor.question_tokenizer
+    ids = [qt("what colour is the top left shape"), qt("how many"), qt("")]
+    with torch.no_grad():
+        vision = tiny_model.encode_images(pixels, [pixels.shape[0]])
+        prefix = tiny_model.fusion.encode_prefix(vision[0])
+        reused = tiny_model.fusion.fuse_with_prefix(prefix, ids, 5)
+        for q, got in zip(ids, reused):
+            full = tiny_model.fusion(vision, [[q]], 5, 5).groups[0][0]
+            torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
