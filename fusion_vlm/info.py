@@ -56,7 +56,7 @@ def token_accounting(cfg: ModelConfig, width: int, height: int, n_questions: int
 
 def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     """{component: {"total", "trainable"}} for the FusionVLM parts, plus "all" (stage-2 trainability)."""
-    parts = {"vision": model.vision, "merge": model.merge, "fusion": model.fusion, "projector": model.projector,
+    parts = {"vision": model.vision.visual, "vision_adapter": model.vision.adapter, "merge": model.merge, "fusion": model.fusion, "projector": model.projector,
              "llm": model.llm, "clip_text": model.text_encoder, "contrastive_head": model.contrastive_head}
     trainable = {id(p) for m in model.trainable_modules("generation").values() for p in m.parameters()}
     out = {}
