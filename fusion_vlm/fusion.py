@@ -195,6 +195,8 @@ class FusionModule(nn.Module):
         for b, s in enumerate(seqs):
             embeds[b, : s.shape[0]] = s
             mask[b, : s.shape[0]] = 1
+        if bool(mask.all()):
+            mask = None  # no padding: lets attention take its plain causal path
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         groups = [[hidden[b, s0:s1] for s0, s1 in layout.slot_spans] for b, layout in enumerate(layouts)]
         return FusionOutput(groups)
