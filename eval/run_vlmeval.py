@@ -1,0 +1,11 @@
+"""Thin script form of ``fusion-vlm eval`` (same arguments), for running from a checkout.
+
+    python eval/run_vlmeval.py --checkpoint DIR --data POPE MMStar --data-root ~/LMUData
+"""
+
+import sys
+
+from fusion_vlm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))

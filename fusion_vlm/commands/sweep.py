@@ -1,0 +1,61 @@
+"""``fusion-vlm sweep``: every N x mode x benchmark, resumable, into one tidy CSV.
+
+    fusion-vlm sweep --checkpoint 1=ckpt/n1 8=ckpt/n8 ... --ft-checkpoint 1=ckpt/n1_noq ... \\
+        --data MME POPE MMStar --out runs/sweep
+
+``--checkpoint`` gives the stage-3 checkpoint per N (modes vqq and vq),
+``--ft-checkpoint`` the one fine-tuned without the question (mode vq_ft); a
+bare DIR takes N from its config.yaml. Finished cells are skipped on rerun.
+The CSV (default <out>/scores.csv) has the columns metric,mode,n_queries,score
+of paper_appendix_scores.csv, ready for ``fusion-vlm fit --csv``.
+Needs the eval extra (``bash scripts/install_eval.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fusion_vlm.commands.eval import parse_judge_args
+from fusion_vlm.commands.generate import add_generation_arguments
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="evaluate checkpoints over N, modes and benchmarks into one CSV",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", default=[], help="N=DIR (or DIR) per N, trained with the question")
+    p.add_argument("--ft-checkpoint", nargs="+", default=[], help="N=DIR per N, fine-tuned without the question")
+    p.add_argument("--mode", nargs="+", default=None, choices=["vqq", "vq_ft", "vq"],
+                   help="modes to run (default: vqq and vq, plus vq_ft when --ft-checkpoint is given)")
+    p.add_argument("--data", nargs="+", required=True, help="VLMEvalKit dataset names")
+    p.add_argument("--out", default="outputs/sweep", help="sweep folder (cells, VLMEvalKit work dirs, CSV)")
+    p.add_argument("--csv", default=None, help="CSV path (default <out>/scores.csv)")
+    p.add_argument("--data-root", default=None, help="folder of benchmark TSVs, used as $LMUData")
+    p.add_argument("--judge", default="exact_matching", help="VLMEvalKit judge (default exact_matching)")
+    p.add_argument("--judge-args", default=None, help="JSON object of extra judge kwargs")
+    p.add_argument("--nproc", type=int, default=1, help="judge worker processes (default 1)")
+    add_generation_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from fusion_vlm.evaluation.sweep import parse_checkpoints, plan_cells, run_sweep
+
+    checkpoints = parse_checkpoints(args.checkpoint)
+    ft = parse_checkpoints(args.ft_checkpoint)
+    modes = args.mode or (["vqq", "vq_ft", "vq"] if ft else ["vqq", "vq"])
+    cells = plan_cells(checkpoints, args.data, modes, ft)
+    judge_kwargs = parse_judge_args(args.judge_args)
+    try:
+        from fusion_vlm.evaluation.registry import cell_evaluator, import_vlmeval
+
+        import_vlmeval()
+    except ImportError as err:
+        print(f"fusion-vlm sweep: error: {err}", file=sys.stderr)
+        return 2
+    evaluate = cell_evaluator(judge=args.judge, judge_kwargs=judge_kwargs, nproc=args.nproc,
+                              data_root=args.data_root, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, device=args.device)
+    run_sweep(args.out, cells, evaluate, csv_path=args.csv)
+    return 0

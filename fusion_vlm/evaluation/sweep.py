@@ -1,0 +1,187 @@
+"""N-sweep bookkeeping: plan (mode, N, dataset) cells, run the missing ones, collect one tidy CSV.
+
+Modes (paper Appendix D; the same codes as paper_appendix_scores.csv):
+
+* ``vqq``   -- vision + question + queries: the stage-3 checkpoint for N, question fused;
+* ``vq_ft`` -- vision + queries, fine-tuned without the question: its own checkpoint, question dropped;
+* ``vq``    -- vision + queries, question dropped from the ``vqq`` checkpoint without fine-tuning.
+
+Each finished cell leaves ``<out>/cells/<mode>_N<n>/<dataset>.scores.json``; a
+rerun skips cells whose file exists. :func:`collect_scores` turns all of them
+into the long CSV ``metric,mode,n_queries,score`` of ``paper_appendix_scores.csv``.
+This module does not import VLMEvalKit: the evaluation itself is a callable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MODES = ("vqq", "vq_ft", "vq")
+CSV_FIELDS = ("metric", "mode", "n_queries", "score")
+_SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: a checkpoint run in a mode with N queries on one dataset."""
+
+    mode: str
+    n_queries: int
+    dataset: str
+    checkpoint: str
+
+    @property
+    def use_question(self) -> bool:
+        return self.mode == "vqq"
+
+    @property
+    def group(self) -> str:
+        """The (mode, N) group name; also a safe file-name part."""
+        return f"{self.mode}_N{self.n_queries}"
+
+
+def parse_checkpoints(specs: Iterable[str], n_of: Callable[[str], int] | None = None) -> dict[int, str]:
+    """``["64=DIR", "DIR2", ...]`` -> ``{N: DIR}``; a bare DIR takes N from its ``config.yaml``."""
+    if n_of is None:
+        from fusion_vlm.evaluation.runner import checkpoint_n_queries as n_of
+    out: dict[int, str] = {}
+    for spec in specs:
+        head, sep, tail = spec.partition("=")
+        if sep and head.strip().isdigit():
+            n, path = int(head), tail
+        elif sep and not Path(spec).exists():
+            raise ValueError(f"checkpoint spec {spec!r}: expected N=DIR with an integer N")
+        else:
+            n, path = None, spec
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        n = n_of(path) if n is None else n
+        if n < 1:
+            raise ValueError(f"checkpoint spec {spec!r}: N must be >= 1")
+        if n in out:
+            raise ValueError(f"two checkpoints for N={n}: {out[n]} and {path}")
+        out[n] = path
+    return out
+
+
+def plan_cells(checkpoints: Mapping[int, str], datasets: Iterable[str], modes: Iterable[str] = MODES,
+               ft_checkpoints: Mapping[int, str] | None = None) -> list[Cell]:
+    """All cells of the sweep, ordered by mode, then N, then dataset.
+
+    ``checkpoints`` maps N to the stage-3 checkpoint trained with the question
+    (used by ``vqq`` and ``vq``); ``ft_checkpoints`` maps N to the one fine-tuned
+    without it (used by ``vq_ft``, which needs one for every N).
+    """
+    modes, datasets = list(modes), list(datasets)
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; expected one of {', '.join(MODES)}")
+    for d in datasets:
+        if not _SAFE.match(d):
+            raise ValueError(f"dataset name {d!r} must be letters, digits and _.+- only")
+    if not datasets:
+        raise ValueError("no datasets given")
+    ft_checkpoints = dict(ft_checkpoints or {})
+    cells = []
+    for mode in modes:
+        source = ft_checkpoints if mode == "vq_ft" else checkpoints
+        if not source:
+            what = "--ft-checkpoint" if mode == "vq_ft" else "--checkpoint"
+            raise ValueError(f"mode {mode} needs at least one {what}")
+        if mode == "vq_ft" and checkpoints and set(checkpoints) - set(ft_checkpoints):
+            missing = sorted(set(checkpoints) - set(ft_checkpoints))
+            raise ValueError(f"mode vq_ft has no fine-tuned checkpoint for N={missing}")
+        for n in sorted(source):
+            for d in datasets:
+                cells.append(Cell(mode, int(n), d, str(source[n])))
+    return cells
+
+
+def score_path(out_dir: str | Path, cell: Cell) -> Path:
+    return Path(out_dir) / "cells" / cell.group / f"{cell.dataset}.scores.json"
+
+
+def is_done(out_dir: str | Path, cell: Cell) -> bool:
+    return score_path(out_dir, cell).is_file()
+
+
+def write_cell_scores(out_dir: str | Path, cell: Cell, metrics: Mapping[str, float]) -> Path:
+    """Record a finished cell atomically (write then rename), so an interrupted run leaves no half file."""
+    path = score_path(out_dir, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"cell": asdict(cell), "metrics": {str(k): float(v) for k, v in metrics.items()}}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+EvaluateFn = Callable[[Cell, Path], Mapping[str, float]]
+
+
+def run_sweep(out_dir: str | Path, cells: list[Cell], evaluate: EvaluateFn, csv_path: str | Path | None = None,
+              log: Callable[[str], None] = print) -> Path:
+    """Evaluate every unfinished cell, then write the tidy CSV; returns the CSV path.
+
+    ``evaluate(cell, work_dir)`` returns ``{"<metric>@<benchmark>": score}``;
+    ``work_dir`` is ``<out>/work/<mode>_N<n>`` (one per group, so VLMEvalKit's
+    own prediction files are shared by the datasets of a group). A cell that
+    raises stays unfinished and the error propagates after the CSV is written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cells if not is_done(out_dir, c)]
+    log(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    error = None
+    for i, cell in enumerate(todo, 1):
+        log(f"sweep: [{i}/{len(todo)}] {cell.group} {cell.dataset} ({cell.checkpoint})")
+        work = out_dir / "work" / cell.group
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            metrics = evaluate(cell, work)
+        except Exception as err:  # noqa: BLE001 - keep the finished cells, report at the end
+            log(f"sweep: {cell.group} {cell.dataset} failed: {err}")
+            error = error or err
+            continue
+        if not metrics:
+            log(f"sweep: {cell.group} {cell.dataset} produced no scores")
+            error = error or RuntimeError(f"{cell.group} {cell.dataset} produced no scores")
+            continue
+        write_cell_scores(out_dir, cell, metrics)
+    path = write_csv(collect_scores(out_dir), csv_path or out_dir / "scores.csv")
+    log(f"sweep: wrote {path}")
+    if error is not None:
+        raise error
+    return path
+
+
+def collect_scores(out_dir: str | Path) -> list[dict]:
+    """Every recorded score under ``out_dir`` as long rows, sorted by metric, mode, then N (descending)."""
+    rows = []
+    for path in sorted((Path(out_dir) / "cells").glob("*/*.scores.json")):
+        data = json.loads(path.read_text())
+        cell = data["cell"]
+        for metric, score in data["metrics"].items():
+            rows.append({"metric": metric, "mode": cell["mode"], "n_queries": int(cell["n_queries"]),
+                         "score": float(score)})
+    order = {m: i for i, m in enumerate(MODES)}
+    rows.sort(key=lambda r: (r["metric"], order.get(r["mode"], 99), -r["n_queries"]))
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write rows in the ``metric,mode,n_queries,score`` format (scores rounded to 3 decimals)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "score": round(float(r["score"]), 3)})
+    return path
