@@ -1,0 +1,158 @@
+"""DeepSpeed setup: process group, DeepSpeed JSON, optimizer on trainable parameters, LR schedule.
+
+The same path serves GPUs (NCCL, bf16, DeepSpeed's fused AdamW) and the CPU
+(gloo, fp32, ``DS_ACCELERATOR=cpu``). On the CPU DeepSpeed's own Adam needs a
+C++ JIT build (minutes, needs a compiler), so by default a plain
+``torch.optim.AdamW`` is handed to ``deepspeed.initialize`` there; ZeRO still
+wraps it. Only the parameters returned by ``model.set_stage`` reach the
+optimizer, so the frozen LLM carries no optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import torch
+
+from fusion_vlm.training.config import TrainConfig, resolve_repo_path
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine.device=cuda but no CUDA GPU is visible")
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(device: str, backend: str | None = None) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (world size 1 when not launched); returns (rank, world, local_rank).
+
+    Must run before anything asks DeepSpeed for its accelerator: on the CPU it
+    sets ``DS_ACCELERATOR=cpu``.
+    """
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python train.py` / in-process: a world of one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend or ("nccl" if device == "cuda" else "gloo"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warm-up, then cosine (or constant)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, device: str, torch_optimizer: bool) -> dict:
+    """The DeepSpeed JSON for this run: the base file with batch sizes, ZeRO stage, precision and optimizer set."""
+    path = resolve_repo_path(cfg.engine.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"engine.deepspeed_config '{cfg.engine.deepspeed_config}' does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"engine.deepspeed_config '{path}': invalid JSON ({err})") from None
+    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world, gradient_clipping=cfg.optim.grad_clip,
+              steps_per_print=10**9, wall_clock_breakdown=False)
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.engine.zero_stage is not None:
+        zero["stage"] = cfg.engine.zero_stage
+    precision = cfg.engine.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    ds.pop("scheduler", None)  # the schedule is ours (lr_factor), stepped by DeepSpeed on applied steps only
+    if torch_optimizer:
+        ds.pop("optimizer", None)
+    else:
+        o = cfg.optim
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                       "weight_decay": o.weight_decay}}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig, total_steps: int,
+                 world: int, device: str):
+    """``deepspeed.initialize`` on ``model`` with only ``params`` in the optimizer; returns the engine."""
+    import deepspeed
+
+    use_torch_opt = cfg.engine.torch_optimizer
+    if use_torch_opt is None:
+        use_torch_opt = device == "cpu"
+    ds_config = deepspeed_config(cfg, world, device, use_torch_opt)
+    o = cfg.optim
+    optimizer = None
+    if use_torch_opt:
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total_steps, o.warmup_ratio, o.schedule, o.min_lr_ratio))
+
+    # DeepSpeed broadcasts every parameter as p.data.view(torch.uint8), which fails for 0-dim tensors (the
+    # contrastive logit scale), and its gradient hooks fix the shape they see: such parameters train with
+    # shape [1] and get their scalar shape back in restore_scalar_params (before save_pretrained).
+    model._scalar_params = [p for p in model.parameters() if p.dim() == 0]
+    for p in model._scalar_params:
+        p.data = p.data.view(1)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    if engine.zero_optimization_stage() == 3:
+        # Some trained weights are used outside their own module's forward (e.g. embedding tables read by a
+        # parent); ZeRO-3 would not re-gather them for backward. Registering the trained parameters with the
+        # root module keeps them gathered from its forward to its backward (~2 bytes per trained parameter);
+        # the frozen LLM stays partitioned.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for p in params:
+            register_external_parameter(model, p)
+    return engine
+
+
+def restore_scalar_params(model: torch.nn.Module) -> None:
+    """Undo the [1]-shape of 0-dim parameters made by :func:`build_engine` (training is over)."""
+    for p in getattr(model, "_scalar_params", []):
+        if p.dim() == 1 and p.numel() == 1:
+            p.data = p.data.view(())
+
+
+def optimizer_param_ids(engine) -> set[int]:
+    """ids of the model parameters the (ZeRO) optimizer updates (for checking the frozen LLM is absent)."""
+    opt = engine.optimizer
+    groups = getattr(opt, "bit16_groups", None) or getattr(opt, "fp16_groups", None)
+    if groups is None:
+        groups = [g["params"] for g in opt.param_groups]
+    return {id(p) for group in groups for p in group}
+
+
+def current_lr(engine) -> float:
+    """Learning rate of the first parameter group."""
+    return float(engine.get_lr()[0])

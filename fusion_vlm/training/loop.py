@@ -1,0 +1,297 @@
+"""The one training loop for all three paper stages.
+
+Stage 1 is ``stage: contrastive``; stages 2 and 3 are ``stage: generation``
+(stage 3 starts from a stage-2 checkpoint via ``init_from`` with its own N, N'
+and use_question). :func:`train` builds the model, the data and the DeepSpeed
+engine, resumes when asked, and runs optimizer steps of ``grad_accum``
+micro-batches until ``max_steps`` (or ``epochs``) are done, saving atomic
+checkpoints on the way, on SIGTERM/SIGINT and at the end, and exporting the
+final model with ``save_pretrained`` (safetensors) to ``OUTPUT/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from fusion_vlm.schema import to_dict
+from fusion_vlm.training import checkpoint as ckpt
+from fusion_vlm.training.batches import Collator, ResumableBatchSampler, SampleDataset
+from fusion_vlm.training.config import TrainConfig
+from fusion_vlm.training.data import SkipCounter, load_llava
+from fusion_vlm.training.engine import (build_engine, current_lr, optimizer_param_ids, pick_device,
+                                        restore_scalar_params, setup_distributed)
+from fusion_vlm.training.metrics import MetricsLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/Inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did (rank-0 view)."""
+
+    steps: int  # optimizer steps done (including resumed ones)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss, for the steps run in this process
+    skips: dict = field(default_factory=dict)  # SkipCounter.summary() over all ranks
+    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss
+    stopped: str | None = None  # "signal" / "stop_at_step" when the run stopped early
+    final_dir: Path | None = None  # save_pretrained export (only when the run finished)
+    checkpoint: Path | None = None  # last checkpoint written
+    optimizer_params: list[str] = field(default_factory=list)  # names of the parameters the optimizer updates
+    optimizer_state_numel: int = 0  # elements of optimizer state (exp_avg, exp_avg_sq...) on this rank
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, device: str):
+    """The model for this run: from ``init_from`` (stage 3) or from the model config."""
+    from fusion_vlm.model import FusionVLM
+
+    if cfg.init_from:
+        if (Path(cfg.init_from) / ckpt.STATE_FILE).is_file():
+            raise ValueError(f"init_from='{cfg.init_from}' is a training checkpoint (for --resume); start a new "
+                             f"stage from the run's save_pretrained export, e.g. {Path(cfg.init_from).parent}/final")
+        return FusionVLM.from_pretrained(cfg.init_from, overrides=cfg.model_overrides_all(), device=device)
+    return FusionVLM.from_config(cfg.model, overrides=cfg.model_overrides_all(), device=device)
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to("cuda") if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self, enabled: bool):
+        self.hit = False
+        self.old = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self.old[sig] = signal.signal(sig, self._handler)
+                except ValueError:  # not the main thread (e.g. some test runners): no handler
+                    pass
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        print(f"[train] received signal {signum}: saving a checkpoint at the end of this step", file=sys.stderr)
+
+    def restore(self):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _zero_loss(params) -> torch.Tensor:
+    """A loss with zero gradient for every trainable parameter (micro-batch whose samples were all skipped)."""
+    return sum((p * 0).sum() for p in params)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one training stage described by ``cfg``; returns a :class:`TrainResult`."""
+    device = pick_device(cfg.engine.device)
+    rank, world, local_rank = setup_distributed(device, cfg.engine.dist_backend)
+    out = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, "cuda" if device == "cuda" else "cpu")
+    params = model.set_stage(cfg.stage)
+
+    counter = SkipCounter(cfg.data.max_skip_fraction, cfg.data.min_seen_for_abort,
+                          cfg.data.log_first_skips if rank == 0 else 0)
+    records = load_llava(cfg.data.files, cfg.data.image_root, counter, cfg.data.fraction, cfg.data.fraction_seed,
+                         cfg.data.max_questions)
+    dataset = SampleDataset(records, model.processor, cfg.stage)
+    per_epoch = ResumableBatchSampler.batches_per_epoch(len(dataset), cfg.micro_batch_size, world)
+    steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    engine = build_engine(model, params, cfg, total_steps, world, device)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, out)
+    logger_start = 0
+    if resume_from is not None:
+        trainer_state, rank_state = ckpt.load_checkpoint(engine, resume_from, rank)
+        state.update({k: trainer_state[k] for k in state})
+        counter.load_state(rank_state["skips"])
+        logger_start = state["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    logger = MetricsLogger(out, cfg.logging, total_steps, logger_start, rank, to_dict(cfg))
+    if resume_from is not None:
+        logger.event("resume", checkpoint=str(resume_from), step=state["step"])
+    stop = _StopFlag(cfg.checkpoint.save_on_signal)
+    result = TrainResult(steps=state["step"])
+
+    def save() -> Path:
+        trainer_state = {**state, "total_steps": total_steps, "stage": cfg.stage}
+        path = ckpt.save_checkpoint(engine, out, state["step"], trainer_state, {"skips": counter.state()},
+                                    cfg.checkpoint.keep_last, rank)
+        logger.event("checkpoint", step=state["step"], path=str(path))
+        result.checkpoint = path
+        return path
+
+    acc = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}
+    terms: dict[str, float] = {}
+    micro = 0
+    engine.train()
+    try:
+        while state["step"] < total_steps and result.stopped is None:
+            sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, cfg.seed, state["epoch"],
+                                            state["batch_in_epoch"], cfg.data.shuffle, rank, world)
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model.tokenizer.pad_token_id),
+                                num_workers=cfg.data.num_workers)
+            for mb in loader:
+                state["batch_in_epoch"] += 1
+                for s in mb.skipped:
+                    counter.skip(s.reason, s.id, s.message, key=s.key)
+                    counter.attempt(False)
+                for _ in range(mb.n_samples):
+                    counter.attempt(True)
+                if micro % cfg.grad_accum == 0:
+                    acc["lr"] = current_lr(engine)  # the lr this optimizer step uses
+                if mb.batch is None:
+                    loss, named = _zero_loss(params), {}
+                else:
+                    named = engine(mb.batch, cfg.stage)
+                    loss = named["loss"]
+                if not torch.isfinite(loss.detach()).all():  # DeepSpeed skips the step on the NaN/Inf gradient
+                    print(f"[train] non-finite loss {float(loss.detach()):.3g} at step {state['step'] + 1}",
+                          file=sys.stderr)
+                engine.backward(loss)
+                engine.step()
+                acc["loss"] += float(loss.detach())
+                acc["n"] += 1 if mb.batch is not None else 0
+                acc["samples"] += mb.n_samples
+                acc["tokens"] += mb.n_tokens
+                for k, v in named.items():
+                    if k != "loss" and torch.is_tensor(v) and v.numel() == 1 and v.is_floating_point():
+                        terms[k] = terms.get(k, 0.0) + float(v)
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                state["step"] += 1
+                _finish_step(engine, state, acc, terms, logger, cfg, result, counter)
+                acc, terms = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}, {}
+                if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0:
+                    save()
+                stop_now = _all_reduce([float(stop.hit)], dist.ReduceOp.MAX)[0] > 0
+                if stop_now or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step):
+                    result.stopped = "signal" if stop_now else "stop_at_step"
+                    break
+                if state["step"] >= total_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+        if result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{state['step']:07d}":
+            save()
+        result.steps = state["step"]
+        result.nonfinite_steps = state["nonfinite_steps"]
+        result.skips = _gather_skips(counter)
+        held = optimizer_param_ids(engine)
+        result.optimizer_params = [n for n, p in model.named_parameters() if id(p) in held]
+        result.optimizer_state_numel = _optimizer_state_numel(engine)
+        if result.stopped is None:
+            result.final_dir = _export(model, engine, out / "final", rank)
+        logger.event("end", step=state["step"], stopped=result.stopped, skips=result.skips,
+                     nonfinite_steps=state["nonfinite_steps"])
+        if rank == 0:
+            (out / "train_summary.json").write_text(json.dumps(
+                {"steps": result.steps, "stopped": result.stopped, "skips": result.skips,
+                 "nonfinite_steps": result.nonfinite_steps, "final": str(result.final_dir)}, indent=2))
+            _print_skips(result.skips)
+    finally:
+        stop.restore()
+        logger.close()
+    return result
+
+
+def _finish_step(engine, state, acc, terms, logger, cfg, result, counter) -> None:
+    """After an optimizer step: skip ceiling, NaN bookkeeping, cross-rank means, metrics (same on every rank)."""
+    applied = engine.was_step_applied()
+    loss_sum, n, samples, tokens, bad, attempts, failed = _all_reduce(
+        [acc["loss"], acc["n"], acc["samples"], acc["tokens"], float(not applied), counter.attempts,
+         counter.failed_attempts])
+    counter.check(attempts=int(attempts), failed=int(failed))
+    if bad > 0:
+        state["nonfinite_steps"] += 1
+        state["nonfinite_in_a_row"] += 1
+        if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(f"{state['nonfinite_in_a_row']} optimizer steps in a row had a NaN/Inf loss or "
+                                     f"gradient (max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); stopping")
+    else:
+        state["nonfinite_in_a_row"] = 0
+    step = state["step"]
+    loss = loss_sum / n if n else float("nan")
+    term_vals = _all_reduce(list(terms.values())) if terms else []
+    sps, tps = logger.throughput(int(samples), int(tokens))
+    metrics = {"loss": loss, **{k: v / n for k, v in zip(terms, term_vals) if n},
+               "lr": acc.get("lr", current_lr(engine)), "grad_norm": _grad_norm(engine), "samples": int(samples),
+               "tokens": int(tokens), "samples_per_s": sps, "tokens_per_s": tps, "epoch": state["epoch"],
+               "skipped_step": bool(bad > 0), "eta_s": logger.eta_s(step)}
+    result.losses[step] = loss
+    logger.log(step, metrics)
+
+
+def _optimizer_state_numel(engine) -> int:
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(v.numel() for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _gather_skips(counter: SkipCounter) -> dict:
+    """Skip counts over all ranks (each rank built different samples)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, counter.state())
+        for r, s in enumerate(states):
+            if r != dist.get_rank():
+                counter.merge(s)
+    return counter.summary()
+
+
+def _export(model, engine, directory: Path, rank: int) -> Path:
+    """Write the trained model with ``save_pretrained`` (ZeRO-3: gather the partitioned weights first)."""
+    restore_scalar_params(model)
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                model.save_pretrained(directory)
+    elif rank == 0:
+        model.save_pretrained(directory)
+    if dist.is_initialized():
+        dist.barrier()
+    return directory
+
+
+def _print_skips(skips: dict) -> None:
+    by = ", ".join(f"{k}={v}" for k, v in skips.get("by_reason", {}).items()) or "none"
+    print(f"[data] skipped {skips.get('skipped', 0)} of {skips.get('records', 0)} records: {by}", file=sys.stderr)

@@ -1,0 +1,224 @@
+"""End-to-end training on the CPU through DeepSpeed (gloo, ZeRO-2) with the tiny model.
+
+Runs in-process (DeepSpeed's import and process group are paid once). Covers the
+three stages through ``fusion-vlm train``, the frozen LLM, the optimizer's
+parameter set, exact resume, overfitting and a data set full of bad records.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion_vlm.cli import main
+from fusion_vlm.training.config import load_train_config
+from fusion_vlm.training.loop import train
+from fusion_vlm.training.metrics import read_metrics
+from fusion_vlm.training.tiny_data import make_tiny_dataset
+from conftest import make_image
+
+pytest.importorskip("deepspeed")
+QUIET = ["--set", "logging.progress_bar=false", "--set", "logging.wandb_mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_data")
+    return make_tiny_dataset(root, n=12, seed=0), root
+
+
+def data_args(tiny_data):
+    path, root = tiny_data
+    return ["--set", f"data.files=[{path}]", "--set", f"data.image_root={root}"]
+
+
+def cfg_for(name, tiny_data, out, *overrides):
+    path, root = tiny_data
+    return load_train_config(name, [f"data.files=[{path}]", f"data.image_root={root}", f"output_dir={out}",
+                                    "logging.progress_bar=false", "logging.wandb_mode=disabled", *overrides])
+
+
+def test_three_stages_through_the_cli(tiny_data, tmp_path, capsys):
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    assert main(["train", "--config", "tiny_stage1", "--output-dir", str(s1), "--max-steps", "2",
+                 "--set", "micro_batch_size=3", *data_args(tiny_data), *QUIET]) == 0
+    rows = read_metrics(s1 / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all("contrastive" in r and "identity" in r for r in rows)
+    assert all(r["samples"] == 3 and r["tokens"] > 0 and r["lr"] > 0 for r in rows)
+
+    assert main(["train", "--config", "tiny_stage2", "--output-dir", str(s2), "--init-from", str(s1 / "final"),
+                 "--max-steps", "2", *data_args(tiny_data), *QUIET]) == 0
+    rows = read_metrics(s2 / "metrics.jsonl")
+    assert len(rows) == 2 and all("generation" in r and r["samples"] == 4 for r in rows)  # 2 per micro x 2 accum
+    before, after = load_file(str(s1 / "final/llm.safetensors")), load_file(str(s2 / "final/llm.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # frozen LLM
+    w1, w2 = load_file(str(s1 / "final/model.safetensors")), load_file(str(s2 / "final/model.safetensors"))
+    changed = [k for k in w1 if not torch.equal(w1[k], w2[k])]
+    assert any(k.startswith("fusion.") for k in changed) and any(k.startswith("projector.") for k in changed)
+    assert not any(k.startswith("text_encoder.") for k in changed)  # not trained in stage 2
+
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny_stage3", "--output-dir", str(s3), "--init-from", str(s2 / "final"),
+                 "--n-queries", "4", "--no-question", *data_args(tiny_data), *QUIET]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and summary["stopped"] is None  # 6 of 12 records / (2 x 2) = one pass, 1 step
+    from fusion_vlm.model import FusionVLM
+
+    model = FusionVLM.from_pretrained(s3 / "final")
+    f = model.config.fusion
+    assert (f.n_queries, f.later, f.use_question) == (4, 4, False)
+    saved = load_file(str(s3 / "final/model.safetensors"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_optimizer_holds_only_trainable_parameters(tiny_data, tmp_path):
+    result = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "run", "init_from=null", "max_steps=1",
+                           "checkpoint.every=0"))
+    from fusion_vlm.model import FusionVLM
+
+    model = FusionVLM.from_config("tiny")
+    trainable = model.set_stage("generation")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(result.optimizer_params) == names and not any(n.startswith("llm.") for n in names)
+    n_trainable = sum(p.numel() for p in trainable)
+    # AdamW keeps exp_avg + exp_avg_sq for the trainable partition only (ZeRO may pad a little)
+    assert 2 * n_trainable <= result.optimizer_state_numel < 2 * n_trainable + 4096
+    assert sum(p.numel() for p in model.llm.parameters()) > 4096
+    # the DeepSpeed checkpoint (our own torch.save'd file) holds no frozen LLM weights either
+    state = torch.load(result.checkpoint / "ds/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert state["module"] and not any(k.startswith("llm.") for k in state["module"])
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    common = ["stage=generation", "init_from=null", "max_steps=4", "checkpoint.every=2", "micro_batch_size=2",
+              "grad_accum=2", "optim.warmup_ratio=0.25"]
+    full = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "full", *common))
+    first = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "split", *common, "stop_at_step=2"))
+    assert first.stopped == "stop_at_step" and first.steps == 2 and first.final_dir is None
+    second = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "split", *common))
+    assert second.steps == 4 and sorted(second.losses) == [3, 4]  # resumed at step 3
+    split = {**first.losses, **second.losses}
+    assert sorted(split) == sorted(full.losses) == [1, 2, 3, 4]
+    for step in full.losses:
+        assert split[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+    events = [json.loads(x) for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["step"] == 2 for e in events)
+    kept = sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*"))
+    assert kept == ["checkpoint-0000002", "checkpoint-0000004"] and not list((tmp_path / "split").glob(".tmp-*"))
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch(tiny_data, tmp_path):
+    """One fixed batch of 4 images: stage 1 (contrastive + identity) and stage 2 (generation) losses drop.
+
+    The tiny LLM is random with lm_head std 0.02, so its logits are nearly uniform whatever the fused tokens
+    are (the generation loss plateaus at ~ln(vocab), in plain PyTorch too); for the generation check the
+    random LLM gets a larger init (initializer_range 0.5) so that the visual path can steer it.
+    """
+    path, root = tiny_data
+    f = tmp_path / "four.json"
+    f.write_text(json.dumps(json.loads(path.read_text())[:4]))
+    fixed = [f"data.files=[{f}]", "micro_batch_size=4", "grad_accum=1", "data.shuffle=false",
+             "optim.warmup_ratio=0.0", "optim.schedule=constant", "checkpoint.every=0"]
+    losses = train(cfg_for("tiny_stage1", tiny_data, tmp_path / "fit1", *fixed, "max_steps=8",
+                           "optim.lr=0.0003")).losses
+    assert min(losses[6], losses[7], losses[8]) < 0.5 * losses[1], losses
+    losses = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "fit2", *fixed, "init_from=null", "max_steps=12",
+                           "optim.lr=0.003", "model_overrides=[llm.tiny.initializer_range=0.5]")).losses
+    assert min(losses[10], losses[11], losses[12]) < 0.85 * losses[1], losses
+
+
+def test_bad_records_are_skipped_and_counted(tiny_data, tmp_path):
+    path, root = tiny_data
+    good = json.loads(path.read_text())[:4]
+    make_image(64, 64).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    ok = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    bad = [{"id": "missing", "image": "nope.png", "conversations": ok},
+           {"id": "corrupt", "image": "corrupt.jpg", "conversations": ok},
+           {"id": "empty", "image": "ok.png", "conversations": [ok[0], {"from": "gpt", "value": ""}]},
+           {"id": "nohuman", "image": "ok.png", "conversations": [ok[1]]},
+           {"id": "order", "image": "ok.png", "conversations": [ok[1], ok[0]]},
+           {"id": "long", "image": "ok.png", "conversations": [ok[0], {"from": "gpt", "value": "x" * 3000}]},
+           {"id": "textonly", "conversations": ok}]
+    lines = [json.dumps({**g, "image": str(root / g["image"])}) for g in good] + [json.dumps(b) for b in bad]
+    lines.insert(2, "{this is not json")
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    cfg = cfg_for("tiny_stage2", tiny_data, tmp_path / "mixed", "init_from=null", f"data.files=[{f}]",
+                  f"data.image_root={tmp_path}", "data.max_skip_fraction=0.9", "epochs=1", "micro_batch_size=2",
+                  "grad_accum=1", "checkpoint.every=0")
+    result = train(cfg)
+    assert result.stopped is None and result.final_dir is not None
+    assert result.skips == {"records": 12, "skipped": 8, "by_reason": {
+        "bad_record": 1, "empty_answer": 1, "missing_image": 1, "no_human_turn": 1, "no_image": 1,
+        "too_long": 1, "turn_order": 1, "unreadable_image": 1}}
+    summary = json.loads((tmp_path / "mixed/train_summary.json").read_text())
+    assert summary["skips"] == result.skips
+
+
+def test_wrong_image_root_aborts_with_a_clear_message(tiny_data, tmp_path, capsys):
+    code = main(["train", "--config", "tiny_stage2", "--output-dir", str(tmp_path / "x"), "--set", "init_from=null",
+                 *data_args(tiny_data), "--set", f"data.image_root={tmp_path / 'wrong'}", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "12 of 12 samples skipped" in err and "image_root" in err
+
+
+def test_zero3_matches_zero2_and_exports(tiny_data, tmp_path):
+    common = ["init_from=null", "max_steps=2", "checkpoint.every=0", "micro_batch_size=2", "grad_accum=1"]
+    z2 = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "z2", *common))
+    z3 = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "z3", *common,
+                       "engine.deepspeed_config=configs/deepspeed/zero3.json"))
+    assert z3.losses == pytest.approx(z2.losses, rel=1e-4)
+    assert set(z3.optimizer_params) == set(z2.optimizer_params) and z2.optimizer_params
+    from fusion_vlm.model import FusionVLM
+
+    model = FusionVLM.from_pretrained(tmp_path / "z3/final")
+    saved = load_file(str(tmp_path / "z2/final/model.safetensors"))
+    assert all(v.shape == model.state_dict()[k].shape for k, v in saved.items())
+
+
+def test_bf16_path_runs_on_cpu(tiny_data, tmp_path):
+    """The GPU precision path (DeepSpeed bf16 + fp32 master weights), exercised on the CPU."""
+    common = ["init_from=null", "max_steps=2", "checkpoint.every=0", "micro_batch_size=2", "grad_accum=1"]
+    fp32 = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "fp32", *common))
+    bf16 = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "bf16", *common, "engine.precision=bf16"))
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2) and bf16.nonfinite_steps == 0
+    weights = load_file(str(tmp_path / "bf16/final/model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_with_torchrun(tiny_data, tmp_path):
+    """Two gloo ranks through train/train.py: sharded data, gathered skip counts, per-rank checkpoint state."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, root = tiny_data
+    (root / "corrupt.png").write_bytes(b"garbage")
+    lines = path.read_text()
+    recs = json.loads(lines) + [{"id": "corrupt", "image": "corrupt.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(repo / "train/train.py"), "--config", "tiny_stage2", "--output-dir", str(tmp_path / "w2"),
+           "--max-steps", "2", "--set", "init_from=null", "--set", f"data.files=[{f}]",
+           "--set", f"data.image_root={root}", "--set", "logging.progress_bar=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=repo)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
+    assert summary["steps"] == 2 and summary["skips"]["by_reason"] == {"unreadable_image": 1}
+    ck = tmp_path / "w2/checkpoint-0000002"
+    assert (ck / "rank00000.json").is_file() and (ck / "rank00001.json").is_file()
+    rows = read_metrics(tmp_path / "w2/metrics.jsonl")
+    # 2 ranks x micro-batch 2 x accumulation 2 = 8 samples per step, less the corrupt one when it came up
+    assert all(r["samples"] in (7, 8) for r in rows) and sum(r["samples"] for r in rows) in (15, 16)
