@@ -152,55 +152,61 @@ def build_prompt(tokenizer, turns: list[tuple[str, str | None]], n_fused: list[i
                  system_prompt: str | None = None) -> Prompt:
     """Render ``turns`` [(question, answer or None)] with ``n_fused[i]`` vision tokens opening user turn i.
 
-    A final turn whose answer is None ends with the generation prompt. Text is
-    tokenised segment by segment around the fused tokens and answers (as
-    LLaVA does), so each answer's tokens and its closing eos are labelled.
+    A final turn whose answer is None ends with the generation prompt. The
+    labelled part of turn i is exactly what the model must generate after the
+    generation prompt of turn i: the rendered text from the end of that prompt
+    through the answer and its closing eos (the eos is appended when the
+    template has none). The text between fused-token positions is tokenised
+    in pieces (as LLaVA does) with offsets, so labels follow characters.
+    Needs a fast tokenizer.
     """
     if len(turns) != len(n_fused):
         raise ValueError(f"{len(turns)} turns but {len(n_fused)} fused-token groups")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("build_prompt needs a fast (Rust) tokenizer for character offsets")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    spans = []  # (start, end, template_has_eos) of each labelled answer, in characters of `text`
     for i, (question, answer) in enumerate(turns):
         if IMAGE_MARK in question:
             raise ValueError(f"question {i} contains the reserved marker {IMAGE_MARK!r}")
         messages.append({"role": "user", "content": IMAGE_MARK + question})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-        elif i != len(turns) - 1:
-            raise ValueError(f"turn {i} has no answer but is not the last turn")
-    generating = turns[-1][1] is None
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generating)
-    ids, labels, mask = [], [], []
-
-    def add_text(segment: str, labelled: bool) -> None:
-        seg_ids = tokenizer(segment, add_special_tokens=False)["input_ids"] if segment else []
-        ids.extend(seg_ids)
-        labels.extend(seg_ids if labelled else [IGNORE_INDEX] * len(seg_ids))
-        mask.extend([False] * len(seg_ids))
-
-    cursor = 0
-    eos = tokenizer.eos_token
-    for (question, answer), n in zip(turns, n_fused):
-        at = text.index(IMAGE_MARK, cursor)
-        add_text(text[cursor:at], False)
-        ids.extend([tokenizer.pad_token_id] * n)
-        labels.extend([IGNORE_INDEX] * n)
-        mask.extend([True] * n)
-        cursor = at + len(IMAGE_MARK)
         if answer is None:
+            if i != len(turns) - 1:
+                raise ValueError(f"turn {i} has no answer but is not the last turn")
             continue
-        a_text = answer.strip()
-        a_at = text.index(a_text, cursor + len(question.strip())) if a_text else text.index(eos, cursor)
-        add_text(text[cursor:a_at], False)
-        end = a_at + len(a_text)
-        rest = text[end:]
-        if rest.lstrip().startswith(eos):  # the template closes the answer with eos: label it too
-            end += len(rest) - len(rest.lstrip()) + len(eos)
-            add_text(text[a_at:end], True)
-        else:
-            add_text(text[a_at:end], True)
-            ids.append(tokenizer.eos_token_id)
-            labels.append(tokenizer.eos_token_id)
+        spans.append(len(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)))
+        messages.append({"role": "assistant", "content": answer})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=turns[-1][1] is None)
+    spans = [_answer_span(text, start, answer, tokenizer.eos_token)
+             for start, (_, answer) in zip(spans, [t for t in turns if t[1] is not None])]
+    ids, labels, mask = [], [], []
+    pending = [sp for sp in spans if not sp[2]]  # answers whose eos we append ourselves
+    offset = 0
+    for k, piece in enumerate(text.split(IMAGE_MARK)):
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        for tid, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            pos = offset + start
+            while pending and pos >= pending[0][1]:
+                ids.append(tokenizer.eos_token_id), labels.append(tokenizer.eos_token_id), mask.append(False)
+                pending.pop(0)
+            ids.append(tid)
+            labels.append(tid if any(s0 <= pos < s1 for s0, s1, _ in spans) else IGNORE_INDEX)
             mask.append(False)
-        cursor = end
-    add_text(text[cursor:], False)
+        offset += len(piece) + len(IMAGE_MARK)
+        if k < len(n_fused):
+            ids.extend([tokenizer.pad_token_id] * n_fused[k])
+            labels.extend([IGNORE_INDEX] * n_fused[k])
+            mask.extend([True] * n_fused[k])
+    for _ in pending:
+        ids.append(tokenizer.eos_token_id), labels.append(tokenizer.eos_token_id), mask.append(False)
     return Prompt(ids, labels, mask)
+
+
+def _answer_span(text: str, start: int, answer: str, eos: str) -> tuple[int, int, bool]:
+    """(start, end, has_eos): from the end of the generation prompt through the answer and the template's eos."""
+    a_text = answer.strip()
+    end = (text.index(a_text, start) + len(a_text)) if a_text else start
+    rest = text[end:]
+    if eos and rest.lstrip().startswith(eos):
+        return start, end + len(rest) - len(rest.lstrip()) + len(eos), True
+    return start, end, False

@@ -23,7 +23,7 @@ def test_fused_tokens_open_each_user_turn_and_labels_cover_answers(tok):
                     "<s>[INST] <unk><unk>How many? [/INST] 3 </s>")
     assert sum(p.fused_mask) == 6
     labelled = [t for t, l in zip(p.input_ids, p.labels) if l != IGNORE_INDEX]
-    assert tok.decode(labelled) == "red </s>3 </s>"
+    assert tok.decode(labelled) == " red </s> 3 </s>"  # what the model generates after each " [/INST]"
     assert all(l == t for t, l in zip(p.input_ids, p.labels) if l != IGNORE_INDEX)
     assert p.input_ids[-1] == tok.eos_token_id and p.labels[-1] == tok.eos_token_id
     assert all(l == IGNORE_INDEX for l, m in zip(p.labels, p.fused_mask) if m)
@@ -32,9 +32,27 @@ def test_fused_tokens_open_each_user_turn_and_labels_cover_answers(tok):
 def test_generation_prompt_has_no_labels(tok):
     p = build_prompt(tok, [("Q1", "a1"), ("Q2", None)], [3, 1])
     assert tok.decode(p.input_ids).endswith("Q2 [/INST]")
-    assert tok.decode([t for t, l in zip(p.input_ids, p.labels) if l != IGNORE_INDEX]) == "a1 </s>"
+    assert tok.decode([t for t, l in zip(p.input_ids, p.labels) if l != IGNORE_INDEX]) == " a1 </s>"
     with pytest.raises(ValueError, match="turn 0"):
         build_prompt(tok, [("Q1", None), ("Q2", None)], [3, 1])
+
+
+def test_labels_continue_the_generation_prompt(tok):
+    gen = build_prompt(tok, [("Q1", None)], [2])
+    train = build_prompt(tok, [("Q1", "a1")], [2])
+    n = len(gen.input_ids)
+    assert train.input_ids[:n] == gen.input_ids  # the training prompt extends the generation prompt
+    assert all(l == IGNORE_INDEX for l in train.labels[:n]) and all(l != IGNORE_INDEX for l in train.labels[n:])
+
+
+def test_eos_appended_when_template_has_none():
+    t = byte_tokenizer()
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n"
+                       "{% else %}A: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}A:{% endif %}")
+    p = build_prompt(t, [("q", "yes"), ("r", None)], [1, 1])
+    labelled = [i for i, l in zip(p.input_ids, p.labels) if l != IGNORE_INDEX]
+    assert t.decode(labelled) == " yes</s>"
 
 
 def test_projector_init():
