@@ -19,7 +19,7 @@ def contrastive_loss(group_embed: torch.Tensor, text_embed: torch.Tensor, logit_
     """Symmetric InfoNCE over G pairs.
 
     ``group_embed`` float [G, E] (``<eos>`` slots after the head), ``text_embed``
-    float [G, E] (CLIP text tower), ``logit_scale`` scalar s (logits use exp(s)).
+    float [G, E] (CLIP text tower), ``logit_scale`` s of shape [] or [1] (logits use exp(s)).
     Both embeddings are L2-normalised here. Returns a scalar.
     """
     if group_embed.shape != text_embed.shape:

@@ -44,6 +44,7 @@ class FusionVLM(nn.Module):
         clip = build_clip(cfg.vision, cfg.views.view_size, device)
         self.vision = VisionTower(clip.visual, cfg.vision, cfg.fusion.hidden_size)
         clip.visual = None  # the text tower stays in `text_encoder`; the ViT lives in `vision`
+        clip.logit_scale = None  # unused: the contrastive loss has its own learnable scale below
         self.text_encoder = clip
         self.tokenizer = load_tokenizer(cfg.llm, offline_fallback=torch.device(device).type == "meta")
         self.llm = build_llm(cfg.llm, self.tokenizer, device)
@@ -54,7 +55,7 @@ class FusionVLM(nn.Module):
                                        cfg.projector)
             embed_dim = cfg.loss.embed_dim or clip.text_projection.shape[-1]
             self.contrastive_head = nn.Linear(cfg.fusion.hidden_size, embed_dim, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(float(cfg.loss.logit_scale_init)))
+            self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.loss.logit_scale_init)))  # [1]: DeepSpeed-safe
         self.vision.adapter.to(device)
         if cfg.vision.freeze:
             self.vision.requires_grad_(False)

@@ -45,3 +45,10 @@ def test_override_syntax_and_missing_file():
         load_model_config("tiny", ["fusion.n_queries"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_model_config("nope.yaml")
+
+
+def test_float_fields_accept_exponent_without_dot():
+    cfg = load_model_config("tiny", ["projector.init_std=3e-3"])
+    assert cfg.projector.init_std == 0.003
+    with pytest.raises(ConfigError, match="projector.init_std"):
+        load_model_config("tiny", ["projector.init_std=small"])

@@ -117,12 +117,9 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total_steps, o.warmup_ratio, o.schedule, o.min_lr_ratio))
 
-    # DeepSpeed broadcasts every parameter as p.data.view(torch.uint8), which fails for 0-dim tensors (the
-    # contrastive logit scale), and its gradient hooks fix the shape they see: such parameters train with
-    # shape [1] and get their scalar shape back in restore_scalar_params (before save_pretrained).
-    model._scalar_params = [p for p in model.parameters() if p.dim() == 0]
-    for p in model._scalar_params:
-        p.data = p.data.view(1)
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:  # DeepSpeed broadcasts parameters as p.data.view(torch.uint8), which fails for 0-dim tensors
+        raise ValueError(f"0-dim parameters cannot be trained with DeepSpeed (give them shape [1]): {scalars}")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     if engine.zero_optimization_stage() == 3:
@@ -135,13 +132,6 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
         for p in params:
             register_external_parameter(model, p)
     return engine
-
-
-def restore_scalar_params(model: torch.nn.Module) -> None:
-    """Undo the [1]-shape of 0-dim parameters made by :func:`build_engine` (training is over)."""
-    for p in getattr(model, "_scalar_params", []):
-        if p.dim() == 1 and p.numel() == 1:
-            p.data = p.data.view(())
 
 
 def optimizer_param_ids(engine) -> set[int]:

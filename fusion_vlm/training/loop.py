@@ -30,7 +30,7 @@ from fusion_vlm.training.batches import Collator, ResumableBatchSampler, SampleD
 from fusion_vlm.training.config import TrainConfig
 from fusion_vlm.training.data import SkipCounter, load_llava
 from fusion_vlm.training.engine import (build_engine, current_lr, optimizer_param_ids, pick_device,
-                                        restore_scalar_params, setup_distributed)
+                                        setup_distributed)
 from fusion_vlm.training.metrics import MetricsLogger
 
 
@@ -278,7 +278,6 @@ def _gather_skips(counter: SkipCounter) -> dict:
 
 def _export(model, engine, directory: Path, rank: int) -> Path:
     """Write the trained model with ``save_pretrained`` (ZeRO-3: gather the partitioned weights first)."""
-    restore_scalar_params(model)
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
