@@ -6,5 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/scripts/setup_env.sh" train,dev
 cd "$ROOT"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-fusion-vlm demo "$@"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
+fusion-vlm walkthrough "$@"

@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/scripts/setup_env.sh" train,dev
 cd "$ROOT"
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
 if [ "$#" -eq 0 ]; then
   set -- -m "not slow and not vlmeval"
 fi

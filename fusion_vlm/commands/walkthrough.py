@@ -1,10 +1,10 @@
-"""``fusion-vlm demo``: the whole data path on the tiny model, with the token accounting printed."""
+"""``fusion-vlm walkthrough``: one image and its questions through every step of the data path, with shapes."""
 
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run an image and questions through the tiny model end to end")
+    p = subparsers.add_parser("walkthrough", help="one image + questions through every step, shapes and token counts")
     p.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--image", default=None, help="image file (default: a generated 1008x756 picture)")
     p.add_argument("--question", action="append", default=None, help="question (repeatable)")

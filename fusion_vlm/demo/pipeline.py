@@ -1,0 +1,154 @@
+"""The CPU demo end to end: world -> stage 0 -> stages 1-3 -> N-sweep -> evaluation -> report.
+
+Every training stage goes through the real entry point
+(:func:`fusion_vlm.training.loop.train`, DeepSpeed on gloo); every stage writes
+its outputs under ``out_dir`` and is skipped when they are already there, so a
+rerun resumes where the last one stopped. Per-stage wall times go to
+``timings.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusion_vlm.schema import from_dict, save_config
+
+MODES = ("vqq", "vq_ft", "vq")  # vision+question+queries; fine-tuned without question; question dropped
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big a demo run is."""
+
+    train_images: int  # images in the train split (each with 3-5 questions)
+    test_images: int  # images in the test split
+    stage0: str  # stage-0 preset of fusion_vlm.demo.stage0 (quick | full)
+    stage1_steps: int  # contrastive steps
+    stage2_steps: int  # generation steps at N = max(n_values)
+    stage3_steps: int  # fine-tune steps per N and variant
+    stage3_fraction: float  # seeded subset of the train split used by stage 3 (the paper's 10%)
+    micro_batch: int  # samples per step
+    lr: float  # peak learning rate of stages 1-3
+    n_values: tuple[int, ...]  # the N sweep; N' = min(N, 8)
+
+
+SIZES = {
+    "quick": DemoSize(48, 16, "quick", 8, 40, 6, 0.5, 4, 2e-3, (1, 4, 16)),
+    "full": DemoSize(640, 96, "full", 120, 500, 50, 0.3, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
+}
+# The tiny preset, widened a little so that a 2-core CPU can learn the world within the time budget.
+MODEL_OVERRIDES = ["fusion.hidden_size=96", "fusion.num_layers=3", "fusion.num_heads=4", "fusion.num_kv_heads=4",
+                   "fusion.intermediate_size=192"]
+
+
+class Timings:
+    """Wall time per stage, persisted in ``timings.json`` so resumed runs keep earlier figures."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextmanager
+    def stage(self, name: str):
+        print(f"\n=== {name}", flush=True)
+        start = time.time()
+        yield
+        self.data[name] = round(self.data.get(name, 0.0) + time.time() - start, 1)
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra):
+    from fusion_vlm.training.config import TrainConfig
+
+    cfg = {
+        "stage": stage, "output_dir": str(out), "seed": seed, "micro_batch_size": size.micro_batch,
+        "grad_accum": 1, "max_steps": steps,
+        "data": {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True},
+        "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03},
+        "engine": {"device": "cpu"},
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "logging": {"wandb_mode": "disabled", "progress_bar": True},
+        **extra,
+    }
+    train_cfg = from_dict(TrainConfig, cfg)
+    train_cfg.validate()
+    return train_cfg
+
+
+def _train(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra) -> Path:
+    """Run one stage through the training entry point unless ``out/final`` exists; returns ``out/final``."""
+    from fusion_vlm.training.loop import train
+
+    final = out / "final"
+    if (final / "model.safetensors").is_file():
+        print(f"[demo] {out.name}: done earlier, skipped")
+        return final
+    train(_train_config(stage, out, data_dir, size, steps, seed, **extra))
+    return final
+
+
+def run_demo(out_dir: str | Path = "demo_out", size: str = "full", seed: int = 0) -> Path:
+    """Run (or resume) the whole demo in ``out_dir``; returns the path of ``report.md``."""
+    import torch
+
+    from fusion_vlm.demo import stage0, world
+    from fusion_vlm.demo.evaluate import evaluate
+    from fusion_vlm.demo.report import write_report
+    from fusion_vlm.model import FusionVLM
+
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: expected one of {sorted(SIZES)}")
+    s, out = SIZES[size], Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out / "timings.json")
+    data_dir = out / "data"
+    wcfg = world.WorldConfig(seed=seed)
+    with timings.stage("world"):
+        train_ex = world.make_examples("train", s.train_images, wcfg)
+        test_ex = world.make_examples("test", s.test_images, wcfg)
+        if not (data_dir / "train.jsonl").is_file():
+            world.export_llava(train_ex, data_dir, "train.jsonl")
+            world.export_llava(test_ex, data_dir, "test.jsonl")
+    with timings.stage("stage0 (CLIP + text-only LLM stand-ins)"):
+        pre = stage0.run_stage0(train_ex, out / "stage0", s.stage0, seed=seed)
+    model_yaml = out / "model.yaml"
+    n_max = max(s.n_values)
+    save_config(stage0.demo_model_config(pre["clip_path"], pre["llm_dir"], n_queries=n_max,
+                                         overrides=MODEL_OVERRIDES + [f"fusion.max_queries={max(n_max, 8)}"]),
+                model_yaml)
+    with timings.stage("stage1 contrastive"):
+        s1 = _train("contrastive", out / "stage1", data_dir, s, s.stage1_steps, seed, model=str(model_yaml))
+    with timings.stage("stage2 generation"):
+        s2 = _train("generation", out / "stage2", data_dir, s, s.stage2_steps, seed, init_from=str(s1))
+    finals = {}
+    with timings.stage("stage3 N-sweep fine-tunes"):
+        for n in s.n_values:
+            for variant, use_q in (("vqq", True), ("vq_ft", False)):
+                finals[(variant, n)] = _train(
+                    "generation", out / "stage3" / f"{variant}_n{n}", data_dir, s, s.stage3_steps, seed,
+                    init_from=str(s2), n_queries=n, use_question=use_q,
+                    data={"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir),
+                          "fraction": s.stage3_fraction, "fraction_seed": seed})
+    results = {}
+    with timings.stage("evaluation"):
+        for n in s.n_values:
+            for mode in MODES:
+                path = out / "eval" / f"{mode}_n{n}.json"
+                if not path.is_file():
+                    ckpt = finals[("vq_ft" if mode == "vq_ft" else "vqq", n)]
+                    torch.manual_seed(seed)
+                    model = FusionVLM.from_pretrained(ckpt)
+                    scores = evaluate(model, test_ex, n, use_question=(mode == "vqq"))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(scores, indent=2))
+                    print(f"[demo] N={n:<3} {mode:<6} " + "  ".join(
+                        f"{f} {v['accuracy']:.1f}" for f, v in scores.items()), flush=True)
+                results[(mode, n)] = json.loads(path.read_text())
+    with timings.stage("report"):
+        report = write_report(out, results, world.majority_baseline(train_ex, test_ex), s, timings.data)
+    print(f"\n[demo] report: {report}")
+    return report

@@ -1,0 +1,103 @@
+"""Stage 0 of the demo: the tiny CLIP, the world tokenizer and the text-only Llama, at tiny step counts."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion_vlm.demo import stage0
+from fusion_vlm.demo.world import make_examples
+from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE
+from fusion_vlm.vision import build_clip
+
+SMALL_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: on a shared 2-core machine two spinning OpenMP threads can be ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples("train", 32)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, examples):
+    out = tmp_path_factory.mktemp("stage0")
+    clip = stage0.train_clip(examples[:16], out / "clip.safetensors", steps=25, batch_size=16, lr=2e-3,
+                             progress=False)
+    llm = stage0.train_text_llm(examples, out / "llm", steps=25, batch_size=8, lr=3e-3, progress=False, **SMALL_LLM)
+    return out, clip, llm
+
+
+def test_clip_loss_falls_and_checkpoint_loads(outputs):
+    out, clip, _ = outputs
+    losses = clip["losses"]
+    assert len(losses) == 25 and not clip["skipped"]
+    assert sum(losses[-5:]) / 5 < min(sum(losses[:5]) / 5, torch.log(torch.tensor(16.0)).item()) - 0.2
+    cfg = stage0.clip_config()
+    fresh = build_clip(cfg.vision, cfg.views.view_size)
+    incompatible = open_clip.load_checkpoint(fresh, str(out / "clip.safetensors"))  # strict
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    saved = load_file(str(out / "clip.safetensors"))
+    assert torch.equal(fresh.visual.conv1.weight, saved["visual.conv1.weight"])
+
+
+def test_text_llm_loss_falls_and_tokenizer(outputs, examples):
+    out, _, llm = outputs
+    losses = llm["losses"]
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    tok = stage0.train_tokenizer(examples, out / "llm")  # already there: loaded, not retrained
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
+    assert tok.chat_template == LLAMA2_CHAT_TEMPLATE and len(tok) <= 512
+    q = examples[0].qas[0].question
+    assert tok.decode(tok(q, add_special_tokens=False)["input_ids"]) == q
+
+
+def test_rerun_skips_finished_work(outputs, examples):
+    out, clip, llm = outputs
+    again = stage0.train_clip(examples, out / "clip.safetensors", steps=1000, progress=False)
+    assert again["skipped"] and again["losses"] == clip["losses"]
+    again = stage0.train_text_llm(examples, out / "llm", steps=1000, progress=False)
+    assert again["skipped"] and again["losses"] == llm["losses"]
+
+
+def test_deterministic_for_a_seed(tmp_path, examples):
+    runs = [stage0.train_clip(examples[:8], tmp_path / f"c{i}.safetensors", steps=2, batch_size=4, seed=s,
+                              progress=False)["losses"] for i, s in enumerate((3, 3, 4))]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    toks = [stage0.train_tokenizer(examples, tmp_path / f"t{i}") for i in range(2)]
+    assert (tmp_path / "t0" / "tokenizer.json").read_text() == (tmp_path / "t1" / "tokenizer.json").read_text()
+    assert toks[0].get_vocab() == toks[1].get_vocab()
+    a, b = (load_file(str(tmp_path / f"c{i}.safetensors")) for i in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    runs = [stage0.train_text_llm(examples[:8], tmp_path / f"l{i}", steps=2, batch_size=4, seed=s, progress=False,
+                                  **SMALL_LLM)["losses"] for i, s in enumerate((3, 3, 4))]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_fusion_vlm_builds_from_stage0_and_generates(outputs, examples):
+    from fusion_vlm.model import FusionVLM
+
+    out, _, _ = outputs
+    cfg = stage0.demo_model_config(out / "clip.safetensors", out / "llm", n_queries=4)
+    assert cfg.llm.tiny is None and cfg.fusion.n_queries == 4 and cfg.vision.text_context_length == 64
+    model = FusionVLM(cfg).eval()
+    saved = load_file(str(out / "clip.safetensors"))
+    assert torch.equal(model.vision.visual.conv1.weight, saved["visual.conv1.weight"])
+    assert torch.equal(model.text_encoder.token_embedding.weight, saved["token_embedding.weight"])
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert model.tokenizer.convert_ids_to_tokens(1) == "<s>"
+    ex = examples[0]
+    answers = model.generate([ex.image], [[qa.question for qa in ex.qas]], max_new_tokens=6)
+    assert len(answers) == 1 and len(answers[0]) == len(ex.qas)
+    assert all(isinstance(a, str) for a in answers[0])

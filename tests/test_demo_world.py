@@ -1,0 +1,194 @@
+"""The synthetic demo world: determinism, balance, held-out pairs, answers consistent with the pixels."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusion_vlm.demo.render import PALETTE, REGIONS, nearest_colour
+from fusion_vlm.demo.world import (FAMILIES, PLURAL, WorldConfig, describe, description_f1, export_llava,
+                                   make_examples, majority_baseline, score)
+from fusion_vlm.views import plan_views
+
+CFG = WorldConfig()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: on a shared 2-core machine two spinning OpenMP threads can be ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return make_examples("train", 120, CFG)
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return make_examples("test", 40, CFG)
+
+
+def _same(a, b) -> bool:
+    return (a.id == b.id and a.qas == b.qas and a.objects == b.objects
+            and np.array_equal(np.asarray(a.image), np.asarray(b.image)))
+
+
+def test_deterministic_prefix_stable_and_seed_dependent(train):
+    again = make_examples("train", 6, CFG)
+    assert all(_same(a, b) for a, b in zip(train[:6], again))
+    other = make_examples("train", 6, replace(CFG, seed=1))
+    assert not any(_same(a, b) for a, b in zip(again, other))
+    assert not _same(make_examples("test", 1, CFG)[0], again[0])
+
+
+def test_image_sizes_vary(train):
+    sizes = [ex.image.size for ex in train]
+    assert all(ex.image.mode == "RGB" for ex in train)
+    assert min(min(s) for s in sizes) >= CFG.min_side and max(max(s) for s in sizes) <= CFG.max_side
+    ratios = [w / h for w, h in sizes]
+    assert max(max(r, 1 / r) for r in ratios) <= CFG.max_aspect + 0.02
+    assert min(ratios) < 0.5 and max(ratios) > 2.0 and len(set(sizes)) > len(sizes) // 2
+
+
+def test_questions_per_image_and_families(train):
+    for ex in train:
+        assert CFG.questions[0] <= len(ex.qas) <= CFG.questions[1]
+        assert sum(qa.family == "description" for qa in ex.qas) <= 1
+        assert len({qa.question for qa in ex.qas}) == len(ex.qas)
+        assert len({o.region for o in ex.objects}) == len(ex.objects)  # one object per region
+    fams = Counter(qa.family for ex in train for qa in ex.qas)
+    assert set(fams) == set(FAMILIES)
+
+
+def test_existence_balanced(train, test_split):
+    for split in (train, test_split):
+        answers = [qa.answer for ex in split for qa in ex.qas if qa.family == "existence"]
+        assert set(answers) == {"yes", "no"}
+        assert 0.4 <= answers.count("yes") / len(answers) <= 0.6
+
+
+def test_heldout_pairs_only_in_test(train, test_split):
+    held = set(CFG.heldout)
+    for ex in train:
+        assert not any((o.colour, o.shape) in held for o in ex.objects)
+        for qa in ex.qas:
+            assert not any(f"{c} {s}" in qa.question for c, s in held)
+    for ex in test_split:
+        assert sum((o.colour, o.shape) in held for o in ex.objects) >= CFG.test_min_heldout
+    asked = {qa.question for ex in test_split for qa in ex.qas if qa.family == "existence"}
+    assert any(f"{c} {s}" in q for q in asked for c, s in held)
+
+
+def _region_of(question: str) -> str:
+    from fusion_vlm.demo.world import WHERE
+
+    return next(r for r, phrase in sorted(WHERE.items(), key=lambda kv: -len(kv[1])) if phrase in question)
+
+
+def test_answers_consistent_with_pixels(train):
+    for ex in train[:60]:
+        arr = np.asarray(ex.image)
+        shapes = [o for o in ex.objects if o.kind == "shape"]
+        for o in shapes:  # the drawn colour at the object's centre is the object's colour
+            x, y = o.centre
+            assert nearest_colour(tuple(int(v) for v in arr[y, x])) == o.colour
+            assert np.abs(arr[y, x].astype(int) - PALETTE[o.colour]).max() <= CFG.colour_jitter
+        by_region = {o.region: o for o in ex.objects}
+        for qa in ex.qas:
+            if qa.family == "attribute":
+                o = by_region[_region_of(qa.question)]
+                x, y = o.centre
+                if "colour" in qa.question:
+                    assert qa.answer == nearest_colour(tuple(int(v) for v in arr[y, x]))
+                else:
+                    assert qa.answer == o.shape
+            elif qa.family == "counting":
+                target = qa.question.split()[2]
+                if target in PLURAL.values():
+                    want = sum(PLURAL[o.shape] == target for o in shapes)
+                else:
+                    want = sum(o.colour == target for o in shapes)
+                assert qa.answer == str(want)
+            elif qa.family == "existence":
+                colour, shape = qa.question[len("Is there a "):-1].split()
+                assert (qa.answer == "yes") == any((o.colour, o.shape) == (colour, shape) for o in shapes)
+            elif qa.family == "reading":
+                assert qa.answer == by_region[_region_of(qa.question)].char
+            else:
+                assert qa.answer == describe(ex.objects)
+                assert [p.split()[-1] for p in qa.answer.split(", ")][0] in {r.split()[-1] for r in REGIONS}
+
+
+def test_glyphs_legible_in_local_views_only(train):
+    n = 0
+    for ex in train[:40]:
+        w, h = ex.image.size
+        plan = plan_views(w, h, CFG.view_size, CFG.max_local_views)
+        local_scale, global_scale = plan.resized[0] / w, CFG.view_size / max(w, h)
+        local = np.asarray(ex.image.resize(plan.resized, Image.BICUBIC)).min(axis=2)
+        for o in ex.objects:
+            if o.kind == "shape":
+                continue
+            n += 1
+            x0, y0, x1, y1 = o.box
+            height = y1 - y0
+            assert height * local_scale >= 0.9 * CFG.glyph_local_px  # >= ~14 px tall in a local view
+            assert height * global_scale <= 0.45 * CFG.glyph_local_px  # <= ~7 px tall in the global view
+            lx0, ly0, lx1, ly1 = (int(v * local_scale) for v in o.box)
+            crop = local[ly0:ly1 + 1, lx0:lx1 + 1]
+            assert (crop < 90).sum() >= 25  # the glyph's dark strokes cover enough local-view pixels
+            glyph = np.asarray(ex.image)[y0:y1, x0:x1].min(axis=2)
+            assert (glyph < 60).sum() >= 20
+    assert n >= 40
+
+
+def test_export_llava(tmp_path, train):
+    path = export_llava(train[:5], tmp_path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in records] == [ex.id for ex in train[:5]]
+    for r, ex in zip(records, train[:5]):
+        conv = r["conversations"]
+        assert conv[0] == {"from": "human", "value": "<image>\n" + ex.qas[0].question}
+        assert [c["from"] for c in conv] == ["human", "gpt"] * len(ex.qas)
+        assert [c["value"] for c in conv[1::2]] == [qa.answer for qa in ex.qas]
+        assert "<image>" not in "".join(c["value"] for c in conv[2:])
+        assert r["family"] == [qa.family for qa in ex.qas]
+        img = Image.open(tmp_path / r["image"])
+        assert img.size == ex.image.size and np.array_equal(np.asarray(img), np.asarray(ex.image))
+
+
+def test_score_normalisation():
+    assert score("Red.", "red", "attribute") and not score("dark red", "red", "attribute")
+    assert score("Yes, there is.", "yes", "existence") and not score("no", "yes", "existence")
+    assert score("Well... no!", "no", "existence") and not score("maybe", "no", "existence")
+    assert score("There are 2 circles", "2", "counting") and score("two", "2", "counting")
+    assert not score("3", "2", "counting") and not score("none", "0", "counting")
+    assert score("K", "k", "reading")
+    truth = "red square top left, letter k top right"
+    assert score("Red square top left, letter K top right.", truth, "description")
+    assert not score("red square top left", truth, "description")
+    assert description_f1("red square top left", truth) == pytest.approx(2 / 3)
+    assert description_f1(truth, truth) == 1.0 and description_f1("", truth) == 0.0
+    with pytest.raises(ValueError):
+        score("x", "x", "colour")
+
+
+def test_majority_baseline(train, test_split):
+    base = majority_baseline(train, test_split)
+    assert set(base) == set(FAMILIES)
+    assert 0.4 <= base["existence"] <= 0.6
+    assert base["description"] == 0.0 and base["reading"] < 0.2 and base["attribute"] < 0.35
+    assert all(0.0 <= v <= 1.0 for v in base.values())
+    common = Counter(qa.answer for ex in train for qa in ex.qas if qa.family == "counting").most_common(1)[0][0]
+    truth = [qa.answer for ex in test_split for qa in ex.qas if qa.family == "counting"]
+    assert base["counting"] == pytest.approx(truth.count(common) / len(truth))
