@@ -36,3 +36,12 @@ def test_info_rejects_bad_size(capsys):
     assert main(["info", "--image-size", "10x", "--no-params"]) == 2
     err = capsys.readouterr().err
     assert "--image-size '10x'" in err and err.count("\n") == 1
+
+
+def test_info_cost_model_matches_the_calculator(capsys):
+    from fusion_vlm.tokens.cost import prefill_speedup
+
+    assert main(["info", "--config", "paper", "--no-params", "--llm", "llama-2-7b", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)["cost"]
+    assert cost["speedup"] == pytest.approx(prefill_speedup(256, vision_width=1280).speedup)
+    assert cost["kv_mib_fusion"] < cost["kv_mib_baseline"]

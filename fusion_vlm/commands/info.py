@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--questions", type=int, default=1, help="number of questions about the image")
     p.add_argument("--device", default="meta", help="device to build the model on (meta: no memory)")
     p.add_argument("--no-params", action="store_true", help="skip building the model (token counts only)")
+    p.add_argument("--llm", default=None, metavar="SPEC",
+                   help="cost model of an LLM (preset such as llama-2-7b, or a config.json): prefill FLOPs, KV cache")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -40,8 +42,10 @@ def run(args) -> int:
         model = FusionVLM(cfg, device=args.device)
         params = parameter_counts(model)
         acct.llm_prompt_tokens = prompt_length(model, acct)
+    costs = _costs(cfg, acct, args.llm) if args.llm else None
     if args.json:
-        print(json.dumps({"config": args.config, "tokens": as_dict(acct), "parameters": params}, indent=2))
+        print(json.dumps({"config": args.config, "tokens": as_dict(acct), "parameters": params, "cost": costs},
+                         indent=2))
         return 0
     print(f"config {args.config}  image {width}x{height}  questions {args.questions}")
     print(f"views        {acct.grid[0]}x{acct.grid[1]} local + 1 global = {acct.n_views}")
@@ -51,8 +55,30 @@ def run(args) -> int:
           f"{acct.reduction:.1f}x fewer than the vision tokens)")
     if acct.llm_prompt_tokens is not None:
         print(f"LLM prompt length {acct.llm_prompt_tokens} tokens (chat template + fused tokens)")
+    if costs:
+        print(f"cost ({costs['llm']}): prefill {costs['fusion_path_tflops']:.2f} TFLOPs with fusion (module "
+              f"{costs['fusion_module_tflops']:.2f}) vs {costs['baseline_tflops']:.2f} feeding all vision tokens "
+              f"({costs['speedup']:.2f}x); KV cache {costs['kv_mib_fusion']:.1f} vs {costs['kv_mib_baseline']:.1f} MiB")
     if params:
         print(f"{'component':<18}{'total':>16}{'trainable':>16}")
         for name, c in params.items():
             print(f"{name:<18}{c['total']:>16,}{c['trainable']:>16,}")
     return 0
+
+
+def _costs(cfg, acct, llm_spec: str) -> dict:
+    """Predicted prefill cost of the fusion path vs the LLaVA-style baseline (fusion_vlm.tokens.cost)."""
+    from fusion_vlm.tokens import cost
+
+    llm = cost.load_llm_config(llm_spec)
+    f = cfg.fusion
+    fusion = cost.TransformerConfig("fusion", hidden=f.hidden_size, layers=f.num_layers, heads=f.num_heads,
+                                    kv_heads=f.num_kv_heads, intermediate=f.intermediate_size, vocab=0)
+    n, later = acct.fused_per_question[0], (acct.fused_per_question[1:] or [min(acct.fused_per_question[0], 8)])[0]
+    rep = cost.prefill_speedup(n, later, len(acct.fused_per_question), vision_tokens=acct.vision_tokens, llm=llm,
+                               fusion=fusion, vision_width=cfg.vision.width)
+    return {"llm": llm.name, "baseline_tflops": rep.baseline_flops / 1e12,
+            "fusion_module_tflops": rep.fusion_module_flops / 1e12,
+            "fusion_path_tflops": (rep.fusion_module_flops + rep.fusion_llm_flops) / 1e12, "speedup": rep.speedup,
+            "kv_mib_baseline": cost.kv_cache_bytes(llm, rep.baseline_context) / 2**20,
+            "kv_mib_fusion": cost.kv_cache_bytes(llm, rep.fusion_context) / 2**20}
