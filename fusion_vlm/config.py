@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_vlm.schema import ConfigError, load_config
+from fusion_vlm.schema import require as _require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -162,10 +163,6 @@ class ModelConfig:
                  "must be float32, bfloat16 or float16")
         _require(self.llm.max_length >= 8, "llm.max_length", self.llm.max_length, "must be >= 8")
 
-
-def _require(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

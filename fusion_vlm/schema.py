@@ -84,6 +84,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def require(ok: bool, name: str, value, why: str) -> None:
+    """Raise :class:`ConfigError` ``"name=value: why"`` unless ``ok`` (for ``validate()`` methods)."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)

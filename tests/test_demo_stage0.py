@@ -15,15 +15,6 @@ from fusion_vlm.vision import build_clip
 SMALL_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on a shared 2-core machine two spinning OpenMP threads can be ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def examples():
     return make_examples("train", 32)

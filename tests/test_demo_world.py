@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fusion_vlm.demo.render import PALETTE, REGIONS, nearest_colour
@@ -17,15 +16,6 @@ from fusion_vlm.demo.world import (FAMILIES, PLURAL, WorldConfig, describe, desc
 from fusion_vlm.views import plan_views
 
 CFG = WorldConfig()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on a shared 2-core machine two spinning OpenMP threads can be ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_vlm.schema import ConfigError, load_config
+from fusion_vlm.schema import require as _require
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("contrastive", "generation")
@@ -156,10 +157,6 @@ class TrainConfig:
                     f"llm.grad_checkpointing={flag}"]
         return out
 
-
-def _require(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 def resolve_train_config(name_or_path: str | Path) -> Path:
