@@ -41,8 +41,9 @@ def claims(results: dict, fits: dict, n_values) -> list[str]:
     good = [(m, mode, f) for (m, mode), f in fits.items() if f is not None and not f.degenerate]
     follows = [(m, mode, f) for m, mode, f in good if f.b < 0 and f.r2 >= 0.5]
     lines.append(f"(a) Weak scaling P(N) = (a/N)^b: {len(follows)} of {len(fits)} (metric, mode) curves have b < 0 "
-                 f"and R² >= 0.5 in log space (rule of this report). Per curve: " + "; ".join(
-                     f"{m} {mode}: b={f.b:.3f}, R²={f.r2:.2f}" for m, mode, f in good) + ".")
+                 f"and R² >= 0.5 in log space (rule of this report). Non-degenerate curves: " + ("; ".join(
+                     f"{m} {mode}: b={f.b:.3f}, R²={f.r2:.2f}" for m, mode, f in good) or
+                     "none (every fit is degenerate, e.g. a flat curve)") + ".")
     small = [n for n in n_values if n <= SMALL_N]
 
     def diff(fam: str, a: str, b: str) -> float | None:
@@ -103,10 +104,11 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict) 
     md += ["", "Majority-answer baseline (train's commonest answer per family): " + ", ".join(
         f"{k} {100 * v:.1f}" for k, v in baseline.items()), "", "Modes: " + "; ".join(
         f"`{k}` = {v}" for k, v in MODE_NAMES.items()), "", "## Scaling-law fits (log space, BFGS)", "",
-        "| metric | mode | a | b | R² |", "|---|---|---|---|---|"]
+        "| metric | mode | a | b | R² | degenerate |", "|---|---|---|---|---|---|"]
     for (m, mode), fit in fits.items():
         if fit is not None:
-            md.append(f"| {m} | {mode} | {fit.a:.3e} | {fit.b:.4f} | {fit.r2:.3f} |")
+            md.append(f"| {m} | {mode} | {fit.a:.3e} | {fit.b:.4f} | {fit.r2:.3f} | "
+                      f"{'yes' if fit.degenerate else 'no'} |")
     md += ["", "## What the numbers say", ""] + [f"- {c}" for c in claims(results, fits, ns)]
     md += ["", "## Files", "", "- `scores.csv`: long format (metric, mode, n_queries, score), like the paper's "
            "appendix CSV; `fits.csv`: a, b, c, R² per curve", "- `scaling.png`: accuracy vs N with fitted curves",
