@@ -157,6 +157,17 @@ def plot_mode_differences(diffs, path, mode_a: str, mode_b: str, relative: bool 
     return _save(fig, path)
 
 
+def _threshold_panel(ax, level_label: str, level: float, threshold, ylabel: str, title: str) -> None:
+    """Finish a threshold panel: the level as a dashed line, the threshold n (if any) as a dotted one, log y."""
+    ax.axhline(level, ls="--", color="grey", label=level_label)
+    if threshold is not None:
+        ax.axvline(threshold, ls=":", color="C3", label=f"threshold n = {threshold}")
+    ax.set_yscale("log")
+    ax.set(xlabel="answer tokens n", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+
+
+
 def plot_divergence(result: dict, path, phi_fit=None, title: str | None = None) -> str:
     """2x2 figure from ``divergence.analyse``'s dict: (a) mean D(n) ± std with delta·sqrt(Y(n));
     (b) phi(n) (with the optional power-law ``phi_fit``); (c) the term ratio r(n) with threshold 1;
@@ -185,21 +196,13 @@ def plot_divergence(result: dict, path, phi_fit=None, title: str | None = None) 
     ax = axes[1, 0]
     ratio = np.array([np.nan if r is None else r for r in result["ratio"]], dtype=float)
     ax.plot(n, ratio, lw=2, label="r(n) = n / (n(n−1)φ(n))")
-    ax.axhline(result["ratio_value"], ls="--", color="grey", label=f"R = {result['ratio_value']:g}")
-    if result["ratio_threshold"] is not None:
-        ax.axvline(result["ratio_threshold"], ls=":", color="C3", label=f"threshold n = {result['ratio_threshold']}")
-    ax.set_yscale("log")
-    ax.set(xlabel="answer tokens n", ylabel="first / second term", title="(c) threshold 1: term ratio")
-    ax.legend(fontsize=8)
+    _threshold_panel(ax, f"R = {result['ratio_value']:g}", result["ratio_value"], result["ratio_threshold"],
+                     "first / second term", "(c) threshold 1: term ratio")
     ax = axes[1, 1]
     if len(phi) > 2:
         ax.plot(n[1:-1], np.abs(np.diff(phi[1:])), lw=1.5, label="|φ(n+1) − φ(n)|")
-    ax.axhline(result["phi_epsilon"], ls="--", color="grey", label=f"ε = {result['phi_epsilon']:g}")
-    if result["phi_threshold"] is not None:
-        ax.axvline(result["phi_threshold"], ls=":", color="C3", label=f"threshold n = {result['phi_threshold']}")
-    ax.set_yscale("log")
-    ax.set(xlabel="answer tokens n", ylabel="|Δφ|", title="(d) threshold 2: change of φ")
-    ax.legend(fontsize=8)
+    _threshold_panel(ax, f"ε = {result['phi_epsilon']:g}", result["phi_epsilon"], result["phi_threshold"],
+                     "|Δφ|", "(d) threshold 2: change of φ")
     for a in axes.flat:
         a.grid(alpha=0.3)
     fig.suptitle(title or f"Branch divergence ({result['n_pairs']} pairs)", fontsize=12)

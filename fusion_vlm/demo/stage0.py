@@ -67,6 +67,28 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         yield idx
 
 
+def _optimise(model, opt, batches, steps: int, lr: float, loss_of, desc: str, progress: bool,
+              after_step=None) -> list[float]:
+    """The shared stage-0 loop: for each batch, schedule the lr (:func:`_lr_at`), backprop ``loss_of(batch)``
+    (a scalar tensor), clip the gradient norm to 1, step, then call ``after_step()``; returns the losses."""
+    losses = []
+    model.train()
+    bar = tqdm(batches, total=steps, desc=desc, disable=not progress)
+    for step, batch in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".losses.json")
 
@@ -105,24 +127,18 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr,
                             betas=(0.9, 0.98), eps=1e-6)  # CLIP's betas; with clipping, avoids the ln(B) plateau
     loss_fn = open_clip.loss.ClipLoss()
-    losses = []
-    model.train()
-    bar = tqdm(_batches(len(examples), batch_size, steps, seed), total=steps, desc="stage 0: CLIP",
-               disable=not progress)
-    for step, idx in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+
+    def loss_of(idx):
         img = model.encode_image(images[idx], normalize=True)
         txt = model.encode_text(texts[idx], normalize=True)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        return loss_fn(img, txt, model.logit_scale.exp())
+
+    def clamp_scale():
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    losses = _optimise(model, opt, _batches(len(examples), batch_size, steps, seed), steps, lr, loss_of,
+                       "stage 0: CLIP", progress, after_step=clamp_scale)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -209,21 +225,13 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    losses = []
-    model.train()
-    bar = tqdm(_batches(len(prompts), batch_size, steps, seed), total=steps, desc="stage 0: text LLM",
-               disable=not progress)
-    for step, idx in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+
+    def loss_of(idx):
         ids, mask, labels = _llm_batch(prompts, idx, tok.pad_token_id, loss_on)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _optimise(model, opt, _batches(len(prompts), batch_size, steps, seed), steps, lr, loss_of,
+                       "stage 0: text LLM", progress)
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
