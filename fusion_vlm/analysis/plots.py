@@ -167,7 +167,6 @@ def _threshold_panel(ax, level_label: str, level: float, threshold, ylabel: str,
     ax.legend(fontsize=8)
 
 
-
 def plot_divergence(result: dict, path, phi_fit=None, title: str | None = None) -> str:
     """2x2 figure from ``divergence.analyse``'s dict: (a) mean D(n) ± std with delta·sqrt(Y(n));
     (b) phi(n) (with the optional power-law ``phi_fit``); (c) the term ratio r(n) with threshold 1;
