@@ -115,6 +115,7 @@ class LossConfig:
     identity_weight: float = 1.0  # weight of mean((Z Z^T - I)^2) over non-<eos> slots
     logit_scale_init: float = math.log(100.0)  # s in exp(s), learnable, initialised to ln(100)
     embed_dim: int | None = None  # contrastive embedding size; null = the CLIP model's embed_dim
+    same_answer_positive: bool = False  # true: identical answers in a batch are positives, not negatives (DESIGN: false)
 
 
 @dataclass

@@ -15,20 +15,32 @@ import torch.nn.functional as F
 from fusion_vlm.language import IGNORE_INDEX
 
 
-def contrastive_loss(group_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(group_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
+                     same: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over G pairs.
 
     ``group_embed`` float [G, E] (``<eos>`` slots after the head), ``text_embed``
     float [G, E] (CLIP text tower), ``logit_scale`` s of shape [] or [1] (logits use exp(s)).
-    Both embeddings are L2-normalised here. Returns a scalar.
+    Both embeddings are L2-normalised here. ``same`` bool [G, G] (optional) marks pairs
+    whose answers are identical: those count as positives too (each row's loss is
+    -log of the softmax mass on its positives), so that two "yes" answers in a batch
+    are not pushed apart. Without it only the diagonal is positive (plain CLIP). Returns a scalar.
     """
     if group_embed.shape != text_embed.shape:
         raise ValueError(f"contrastive pairs differ in shape: {tuple(group_embed.shape)} vs {tuple(text_embed.shape)}")
     a = F.normalize(group_embed.float(), dim=-1)
     b = F.normalize(text_embed.float(), dim=-1)
     logits = logit_scale.float().exp() * a @ b.T  # [G, G]
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if same is None:
+        target = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if same.shape != logits.shape:
+        raise ValueError(f"same has shape {tuple(same.shape)}, expected {tuple(logits.shape)}")
+    pos = same.to(logits.device) | torch.eye(a.shape[0], dtype=torch.bool, device=logits.device)
+    masked = logits.masked_fill(~pos, float("-inf"))
+    rows = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
+    cols = torch.logsumexp(logits, 0) - torch.logsumexp(masked, 0)
+    return 0.5 * (rows.mean() + cols.mean())
 
 
 def identity_loss(slots: list[torch.Tensor]) -> torch.Tensor:

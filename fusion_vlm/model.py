@@ -148,7 +148,10 @@ class FusionVLM(nn.Module):
                 raise ValueError("the contrastive stage needs answer_tokens (build samples with "
                                  "with_answers_for_contrastive=True)")
             text = self.text_encoder.encode_text(batch.answer_tokens)
-            con = contrastive_loss(self.contrastive_head(fused.eos()), text, self.logit_scale)
+            same = None
+            if self.config.loss.same_answer_positive:  # identical token rows = identical answers
+                same = (batch.answer_tokens[:, None, :] == batch.answer_tokens[None, :, :]).all(-1)
+            con = contrastive_loss(self.contrastive_head(fused.eos()), text, self.logit_scale, same)
             ident = identity_loss(fused.non_eos())
             loss = self.config.loss.contrastive_weight * con + self.config.loss.identity_weight * ident
             return {"loss": loss, "contrastive": con.detach(), "identity": ident.detach()}

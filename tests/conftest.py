@@ -19,6 +19,10 @@ def tiny_model():
     return model
 
 
+# a small text LLM for the stage-0 tests (tests/test_demo_*.py)
+SMALL_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+
+
 def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB image with smooth gradients and a few coloured blocks."""
     rng = np.random.default_rng(seed)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusion_vlm.demo import stage0
+from fusion_vlm.demo import stage0, text_llm
 from fusion_vlm.demo.world import make_examples
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE
 from fusion_vlm.vision import build_clip
 
-SMALL_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+from conftest import SMALL_LLM
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def outputs(tmp_path_factory, examples):
     out = tmp_path_factory.mktemp("stage0")
     clip = stage0.train_clip(examples[:16], out / "clip.safetensors", steps=25, batch_size=16, lr=2e-3,
                              progress=False)
-    llm = stage0.train_text_llm(examples, out / "llm", steps=25, batch_size=8, lr=3e-3, progress=False, **SMALL_LLM)
+    llm = text_llm.train_text_llm(examples, out / "llm", steps=25, batch_size=8, lr=3e-3, progress=False, **SMALL_LLM)
     return out, clip, llm
 
 
@@ -46,7 +46,7 @@ def test_text_llm_loss_falls_and_tokenizer(outputs, examples):
     out, _, llm = outputs
     losses = llm["losses"]
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-    tok = stage0.train_tokenizer(examples, out / "llm")  # already there: loaded, not retrained
+    tok = text_llm.train_tokenizer(examples, out / "llm")  # already there: loaded, not retrained
     assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<unk>", "<s>", "</s>", "<pad>"]
     assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
     assert tok.chat_template == LLAMA2_CHAT_TEMPLATE and len(tok) <= 512
@@ -58,7 +58,7 @@ def test_rerun_skips_finished_work(outputs, examples):
     out, clip, llm = outputs
     again = stage0.train_clip(examples, out / "clip.safetensors", steps=1000, progress=False)
     assert again["skipped"] and again["losses"] == clip["losses"]
-    again = stage0.train_text_llm(examples, out / "llm", steps=1000, progress=False)
+    again = text_llm.train_text_llm(examples, out / "llm", steps=1000, progress=False)
     assert again["skipped"] and again["losses"] == llm["losses"]
 
 
@@ -66,12 +66,12 @@ def test_deterministic_for_a_seed(tmp_path, examples):
     runs = [stage0.train_clip(examples[:8], tmp_path / f"c{i}.safetensors", steps=2, batch_size=4, seed=s,
                               progress=False)["losses"] for i, s in enumerate((3, 3, 4))]
     assert runs[0] == runs[1] and runs[0] != runs[2]
-    toks = [stage0.train_tokenizer(examples, tmp_path / f"t{i}") for i in range(2)]
+    toks = [text_llm.train_tokenizer(examples, tmp_path / f"t{i}") for i in range(2)]
     assert (tmp_path / "t0" / "tokenizer.json").read_text() == (tmp_path / "t1" / "tokenizer.json").read_text()
     assert toks[0].get_vocab() == toks[1].get_vocab()
     a, b = (load_file(str(tmp_path / f"c{i}.safetensors")) for i in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    runs = [stage0.train_text_llm(examples[:8], tmp_path / f"l{i}", steps=2, batch_size=4, seed=s, progress=False,
+    runs = [text_llm.train_text_llm(examples[:8], tmp_path / f"l{i}", steps=2, batch_size=4, seed=s, progress=False,
                                   **SMALL_LLM)["losses"] for i, s in enumerate((3, 3, 4))]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 

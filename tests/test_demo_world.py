@@ -12,7 +12,7 @@ from PIL import Image
 
 from fusion_vlm.demo.render import PALETTE, REGIONS, nearest_colour
 from fusion_vlm.demo.world import (FAMILIES, PLURAL, WorldConfig, describe, description_f1, export_llava,
-                                   make_examples, majority_baseline, score)
+                                   make_examples, make_text_example, majority_baseline, score, WHERE)
 from fusion_vlm.views import plan_views
 
 CFG = WorldConfig()
@@ -140,6 +140,41 @@ def test_glyphs_legible_in_local_views_only(train):
             glyph = np.asarray(ex.image)[y0:y1, x0:x1].min(axis=2)
             assert (glyph < 60).sum() >= 20
     assert n >= 40
+
+
+def test_evidence_decides_the_answer(train, test_split):
+    """Each question's evidence phrases are enough to work out its answer (independent re-derivation)."""
+    seen = Counter()
+    for ex in train + test_split:
+        phrases = {o.phrase() for o in ex.objects}
+        for qa in ex.qas:
+            assert set(qa.evidence) <= phrases, (qa, phrases)
+            seen[qa.family] += 1
+            if qa.family == "existence":
+                asked = qa.question[len("Is there a "):-1]
+                assert qa.answer == ("yes" if any(e.startswith(asked + " ") for e in qa.evidence) else "no"), qa
+                assert all(asked.split()[0] in e.split()[:2] or asked.split()[1] in e.split()[:2] for e in qa.evidence)
+            elif qa.family == "counting":
+                assert qa.answer == str(len(qa.evidence)), qa
+            elif qa.family == "attribute":
+                (phrase,) = qa.evidence
+                (region,) = [r for r in REGIONS if qa.question.endswith(f" {WHERE[r]}?")]
+                assert qa.answer in phrase.split()[:2] and phrase.endswith(" " + region), qa
+            elif qa.family == "reading":
+                (phrase,) = qa.evidence
+                (region,) = [r for r in REGIONS if qa.question.endswith(f" {WHERE[r]}?")]
+                assert phrase == f"{qa.question.split()[1]} {qa.answer} {region}", qa
+            else:
+                assert ", ".join(qa.evidence) == qa.answer == ex.description
+    assert set(seen) == set(FAMILIES)
+
+
+def test_text_examples_are_deterministic_imageless_and_train_only():
+    a, b = make_text_example(5, CFG), make_text_example(5, CFG)
+    assert a.image is None and a.qas == b.qas and a.objects == b.objects
+    assert make_text_example(6, CFG).objects != a.objects
+    pairs = {(o.colour, o.shape) for i in range(300) for o in make_text_example(i, CFG).objects if o.kind == "shape"}
+    assert not pairs & set(CFG.heldout) and len(pairs) == len(CFG.colours) * len(CFG.shapes) - len(CFG.heldout)
 
 
 def test_export_llava(tmp_path, train):

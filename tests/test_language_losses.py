@@ -73,6 +73,23 @@ def test_contrastive_loss_hand_computed():
     torch.testing.assert_close(contrastive_loss(a, b, s), 0.5 * (row + col))
 
 
+def test_contrastive_loss_with_same_answer_positives_hand_computed():
+    """Groups 0 and 2 share an answer: each row's loss is -log(softmax mass on all its positives)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    s = torch.tensor(math.log(5.0))
+    logits = 5.0 * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    pos = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    p_row, p_col = logits.softmax(1), logits.softmax(0)
+    row = -torch.stack([torch.log(p_row[i][pos[i]].sum()) for i in range(3)]).mean()
+    col = -torch.stack([torch.log(p_col[:, j][pos[:, j]].sum()) for j in range(3)]).mean()
+    same = pos & ~torch.eye(3, dtype=torch.bool)  # the diagonal is always positive
+    torch.testing.assert_close(contrastive_loss(a, b, s, same), 0.5 * (row + col))
+    # no duplicates: the same as plain CLIP; a duplicate lowers the loss (a false negative removed)
+    torch.testing.assert_close(contrastive_loss(a, b, s, torch.zeros(3, 3, dtype=torch.bool)), contrastive_loss(a, b, s))
+    assert contrastive_loss(a, b, s, pos) < contrastive_loss(a, b, s)
+
+
 def test_identity_loss_zero_for_orthonormal_and_hand_value():
     q, _ = torch.linalg.qr(torch.randn(8, 5))
     assert identity_loss([q.T * 3.0]).item() < 1e-10  # rows orthogonal (any length)

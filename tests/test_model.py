@@ -40,6 +40,33 @@ def test_contrastive_stage_losses(tiny_model, batch):
     assert out["contrastive"] > 0 and 0 <= out["identity"] < 1
 
 
+def test_contrastive_stage_treats_identical_answers_as_positives(tiny_model, image_factory):
+    """Two "red" answers: with same_answer_positive the loss uses the multi-positive form (checked by
+    recomputing it from the parts), and with it off it is plain CLIP InfoNCE."""
+    from fusion_vlm.losses import contrastive_loss
+
+    p = tiny_model.processor
+    s1 = p.build(image_factory(300, 200, 1), [("What colour is the square?", "red"), ("How many?", "three")],
+                 with_answers_for_contrastive=True)
+    s2 = p.build(image_factory(200, 300, 2), [("What colour is the circle?", "red")], with_answers_for_contrastive=True)
+    b = collate([s1, s2], tiny_model.tokenizer.pad_token_id)
+    flag = tiny_model.config.loss.same_answer_positive
+    try:
+        with torch.no_grad():
+            eos = tiny_model.contrastive_head(tiny_model.fuse(b).eos())
+            text = tiny_model.text_encoder.encode_text(b.answer_tokens)
+            same = torch.tensor([[False, False, True], [False, False, False], [True, False, False]])
+            multi = contrastive_loss(eos, text, tiny_model.logit_scale, same)
+            plain = contrastive_loss(eos, text, tiny_model.logit_scale)
+            tiny_model.config.loss.same_answer_positive = True
+            torch.testing.assert_close(tiny_model(b, "contrastive")["contrastive"], multi)
+            tiny_model.config.loss.same_answer_positive = False
+            torch.testing.assert_close(tiny_model(b, "contrastive")["contrastive"], plain)
+    finally:
+        tiny_model.config.loss.same_answer_positive = flag
+    assert multi < plain
+
+
 def test_stage_parameters_exclude_the_llm():
     torch.manual_seed(0)
     model = FusionVLM.from_config("tiny")

@@ -42,6 +42,9 @@ def test_config_errors_name_the_field():
         load_train_config("tiny_stage1", ["data.nope=1"])
     with pytest.raises(ConfigError, match="stage"):
         load_train_config("tiny_stage1", ["stage=pretrain"])
+    with pytest.raises(ConfigError, match=r"optim.lr_scale.fusion=-1: must be a number > 0"):
+        load_train_config("tiny_stage1", ["optim.lr_scale.fusion=-1"])
+    assert load_train_config("tiny_stage1", ["optim.lr_scale.fusion=0.3"]).optim.lr_scale == {"fusion": 0.3}
     with pytest.raises(FileNotFoundError, match="no_such_preset"):
         load_train_config("no_such_preset")
 

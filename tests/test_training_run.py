@@ -92,6 +92,30 @@ def test_optimizer_holds_only_trainable_parameters(tiny_data, tmp_path):
     assert state["module"] and not any(k.startswith("llm.") for k in state["module"])
 
 
+def test_lr_scale_sets_each_modules_step_size(tiny_data, tmp_path):
+    """AdamW's first step moves every weight with a non-zero gradient by exactly its group's lr (no decay),
+    so after one step the largest change is lr * scale in the fusion module and lr elsewhere."""
+    from fusion_vlm.model import FusionVLM
+
+    torch.manual_seed(0)
+    FusionVLM.from_config("tiny").save_pretrained(tmp_path / "init")
+    result = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "run", f"init_from={tmp_path / 'init'}",
+                           "max_steps=1", "checkpoint.every=0", "optim.lr=0.001", "optim.warmup_ratio=0.0",
+                           "optim.schedule=constant", "optim.lr_scale={fusion: 0.25}"))
+    before = load_file(tmp_path / "init/model.safetensors")
+    after = load_file(result.final_dir / "model.safetensors")
+    step = {k: (after[k] - before[k]).abs().max().item() for k in before if k in after}
+    fusion = max(v for k, v in step.items() if k.startswith("fusion."))
+    other = max(v for k, v in step.items() if not k.startswith("fusion."))
+    assert fusion == pytest.approx(0.25e-3, rel=1e-3) and other == pytest.approx(1e-3, rel=1e-3), (fusion, other)
+
+
+def test_lr_scale_typo_is_refused(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=r"optim.lr_scale: prefix\(es\) \['fuson'\] match no trained parameter"):
+        train(cfg_for("tiny_stage2", tiny_data, tmp_path / "run", "init_from=null", "max_steps=1",
+                      "optim.lr_scale={fuson: 0.5}"))
+
+
 def test_resume_is_exact(tiny_data, tmp_path):
     common = ["stage=generation", "init_from=null", "max_steps=4", "checkpoint.every=2", "micro_batch_size=2",
               "grad_accum=2", "optim.warmup_ratio=0.25"]

@@ -46,29 +46,45 @@ def claims(results: dict, fits: dict, n_values) -> list[str]:
                      "none (every fit is degenerate, e.g. a flat curve)") + ".")
     small = [n for n in n_values if n <= SMALL_N]
 
-    def diff(fam: str, a: str, b: str) -> float | None:
-        vals = [results[(a, n)][fam]["accuracy"] - results[(b, n)][fam]["accuracy"] for n in small
-                if fam in results.get((a, n), {}) and fam in results.get((b, n), {})]
-        return _mean(vals)
+    def diff(fam: str, a: str, b: str) -> tuple[float, float] | None:
+        """(mean over N <= SMALL_N of acc_a - acc_b, two binomial standard errors of that mean), in points."""
+        pairs = [(results[(a, n)][fam], results[(b, n)][fam]) for n in small
+                 if fam in results.get((a, n), {}) and fam in results.get((b, n), {})]
+        if not pairs:
+            return None
+        var = sum((x["accuracy"] * (100 - x["accuracy"]) + y["accuracy"] * (100 - y["accuracy"])) / max(x["n"], 1)
+                  for x, y in pairs)
+        return _mean([x["accuracy"] - y["accuracy"] for x, y in pairs]), 2 * var ** 0.5 / len(pairs)
+
+    def verdict(*ds: tuple[float, float]) -> str:
+        if all(d > noise for d, noise in ds):
+            return "yes"
+        if any(d < -noise for d, noise in ds):
+            return "no"
+        return "not distinguishable from noise"
 
     for fam in LOCALIZED:
         d_ft, d_vq = diff(fam, "vqq", "vq_ft"), diff(fam, "vqq", "vq")
         if d_ft is None or d_vq is None:
             continue
-        verdict = "yes" if d_ft > 0 and d_vq > 0 else "no"
-        lines.append(f"(b) Localized family '{fam}', N <= {SMALL_N}: vqq - vq_ft = {d_ft:+.1f} points, "
-                     f"vqq - vq = {d_vq:+.1f} points (mean over N in {small}). Question fusion beats both "
-                     f"no-question models: {verdict}.")
+        lines.append(f"(b) Localized family '{fam}', N <= {SMALL_N}: vqq - vq_ft = {d_ft[0]:+.1f} +- {d_ft[1]:.1f} "
+                     f"points, vqq - vq = {d_vq[0]:+.1f} +- {d_vq[1]:.1f} points (mean over N in {small}; +- two "
+                     f"binomial standard errors). Question fusion beats both no-question models by more than the "
+                     f"noise: {verdict(d_ft, d_vq)}.")
     d_ft, d_vq = diff(GLOBAL, "vqq", "vq_ft"), diff(GLOBAL, "vqq", "vq")
-    if d_ft is not None:
-        lines.append(f"(c) Global family '{GLOBAL}', N <= {SMALL_N}: vqq - vq_ft = {d_ft:+.1f} points, vqq - vq = "
-                     f"{d_vq:+.1f} points. The paper found the opposite sign for global descriptions (COCO): "
-                     f"{'seen here' if d_ft < 0 else 'not seen here'} (vqq - vq_ft < 0 is the rule).")
+    if d_ft is not None and d_vq is not None:
+        seen = "seen here" if d_ft[0] < -d_ft[1] else "not seen here"
+        lines.append(f"(c) Global family '{GLOBAL}', N <= {SMALL_N}: vqq - vq_ft = {d_ft[0]:+.1f} +- {d_ft[1]:.1f} "
+                     f"points, vqq - vq = {d_vq[0]:+.1f} +- {d_vq[1]:.1f} points. The paper found the opposite sign "
+                     f"for global descriptions (COCO): {seen} (rule: vqq - vq_ft below minus two standard errors).")
     return lines
 
 
-def write_report(out: Path, results: dict, baseline: dict, size, timings: dict) -> Path:
-    """Write scores.csv, fits.csv, the PNG plots and report.md into ``out``; returns report.md's path."""
+def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, context_probe: dict) -> Path:
+    """Write scores.csv, fits.csv, the PNG plots and report.md into ``out``; returns report.md's path.
+
+    ``context_probe`` is {context kind: {family: accuracy %}} of the frozen stage-0 LLM on text contexts.
+    """
     rows = long_rows(results)
     with (out / "scores.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["metric", "mode", "n_queries", "score"])
@@ -109,6 +125,14 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict) 
         if fit is not None:
             md.append(f"| {m} | {mode} | {fit.a:.3e} | {fit.b:.4f} | {fit.r2:.3f} | "
                       f"{'yes' if fit.degenerate else 'no'} |")
+    probe_fams = list(next(iter(context_probe.values()), {}))
+    md += ["", "## The frozen stage-0 LLM reading text contexts (no image)", "",
+           "Accuracy (%) on test questions opened by a text context in place of the fused tokens: `evidence` = "
+           "the phrases of the objects the question is about, `scene` = every object, `none` = no context. "
+           "It shows what this LLM makes of fused tokens that carry the same content as such a text.", "",
+           "| context | " + " | ".join(probe_fams) + " |", "|---|" + "---|" * len(probe_fams)]
+    md += [f"| {k} | " + " | ".join(f"{v.get(f, 0.0):.1f}" for f in probe_fams) + " |"
+           for k, v in context_probe.items()]
     md += ["", "## What the numbers say", ""] + [f"- {c}" for c in claims(results, fits, ns)]
     md += ["", "## Files", "", "- `scores.csv`: long format (metric, mode, n_queries, score), like the paper's "
            "appendix CSV; `fits.csv`: a, b, c, R² per curve", "- `scaling.png`: accuracy vs N with fitted curves",

@@ -97,11 +97,14 @@ class WorldObject:
 
 @dataclass(frozen=True)
 class QA:
-    """One question with its canonical answer."""
+    """One question with its canonical answer and the phrases of the objects it is about (``evidence``)."""
 
     family: str
     question: str
     answer: str
+    # WorldObject.phrase() of the objects that decide the answer (for existence and counting: every shape
+    # sharing the asked colour or shape, so that the answer still has to be worked out); stage 0 uses them
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass
@@ -109,7 +112,7 @@ class Example:
     """One image of the world with its questions (``qas``) and the ground-truth ``objects``."""
 
     id: str
-    image: Image.Image
+    image: Image.Image | None  # None for text-only scenes (make_text_example)
     qas: list[QA]
     objects: list[WorldObject] = field(default_factory=list)
 
@@ -163,30 +166,37 @@ def _sample_scene(rng: np.random.Generator, cfg: WorldConfig, split: str, w: int
 
 def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObject], yes: bool) -> QA:
     shapes = [o for o in objects if o.kind == "shape"]
+
+    def about(keep) -> tuple[str, ...]:
+        return tuple(o.phrase() for o in shapes if keep(o))
+
     if family == "attribute":
         o = shapes[int(rng.integers(len(shapes)))]
         if rng.random() < 0.5:
-            return QA(family, f"What colour is the shape {WHERE[o.region]}?", o.colour)
-        return QA(family, f"What shape is {WHERE[o.region]}?", o.shape)
+            return QA(family, f"What colour is the shape {WHERE[o.region]}?", o.colour, (o.phrase(),))
+        return QA(family, f"What shape is {WHERE[o.region]}?", o.shape, (o.phrase(),))
     if family == "existence":
         present = sorted({(o.colour, o.shape) for o in shapes})
         pool = present if yes else [p for p in _pairs(cfg, split) if p not in present]
         colour, shape = pool[int(rng.integers(len(pool)))]
-        return QA(family, f"Is there a {colour} {shape}?", "yes" if yes else "no")
+        return QA(family, f"Is there a {colour} {shape}?", "yes" if yes else "no",
+                  about(lambda o: o.colour == colour or o.shape == shape))
     if family == "counting":
         if rng.random() < 0.5:
             shape = shapes[int(rng.integers(len(shapes)))].shape if rng.random() < 0.7 else \
                 cfg.shapes[int(rng.integers(len(cfg.shapes)))]
-            return QA(family, f"How many {PLURAL[shape]} are there?", str(sum(o.shape == shape for o in shapes)))
+            return QA(family, f"How many {PLURAL[shape]} are there?", str(sum(o.shape == shape for o in shapes)),
+                      about(lambda o: o.shape == shape))
         colour = shapes[int(rng.integers(len(shapes)))].colour if rng.random() < 0.7 else \
             cfg.colours[int(rng.integers(len(cfg.colours)))]
-        return QA(family, f"How many {colour} shapes are there?", str(sum(o.colour == colour for o in shapes)))
+        return QA(family, f"How many {colour} shapes are there?", str(sum(o.colour == colour for o in shapes)),
+                  about(lambda o: o.colour == colour))
     if family == "reading":
         glyphs = [o for o in objects if o.kind != "shape"]
         o = glyphs[int(rng.integers(len(glyphs)))]
-        return QA(family, f"What {o.kind} is written {WHERE[o.region]}?", o.char)
+        return QA(family, f"What {o.kind} is written {WHERE[o.region]}?", o.char, (o.phrase(),))
     if family == "description":
-        return QA(family, DESCRIBE, describe(objects))
+        return QA(family, DESCRIBE, describe(objects), tuple(describe(objects).split(", ")))
     raise ValueError(f"unknown question family {family!r}; expected one of {FAMILIES}")
 
 
@@ -224,6 +234,15 @@ def make_example(split: str, index: int, cfg: WorldConfig = WorldConfig()) -> Ex
     cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views)
     image = render.draw_scene(rng, w, h, objects, cap, cfg.colour_jitter)
     return Example(f"{split}-{index:05d}", image, _questions(rng, cfg, split, objects, index), objects)
+
+
+def make_text_example(index: int, cfg: WorldConfig = WorldConfig()) -> Example:
+    """A scene and its questions with no image drawn (``image`` is None), for text-only training: train
+    pairs only, from a random stream of its own (index ``i`` is not train image ``i``)."""
+    rng = np.random.default_rng([cfg.seed, len(SPLITS), index])
+    w, h = render.image_size(rng, cfg.min_side, cfg.max_side, cfg.min_long, cfg.max_aspect)
+    objects = _sample_scene(rng, cfg, "train", w, h)
+    return Example(f"text-{index:06d}", None, _questions(rng, cfg, "train", objects, index), objects)
 
 
 def make_examples(split: str, n_images: int, cfg: WorldConfig = WorldConfig()) -> list[Example]:

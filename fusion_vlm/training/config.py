@@ -46,6 +46,8 @@ class OptimConfig:
     warmup_ratio: float = 0.03  # fraction of the optimizer steps spent in linear warm-up (0.1 in stage 1)
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    # lr multiplier per parameter-name prefix, e.g. {fusion: 0.3}; the longest matching prefix wins, others get 1
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +130,9 @@ class TrainConfig:
         _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
         _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
         _require(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be cosine or constant")
+        for prefix, scale in o.lr_scale.items():
+            _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0,
+                     f"optim.lr_scale.{prefix}", scale, "must be a number > 0")
         _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
         _require(e.zero_stage is None or e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", e.zero_stage,
                  "must be 0, 1, 2 or 3")

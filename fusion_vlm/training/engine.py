@@ -99,6 +99,29 @@ def deepspeed_config(cfg: TrainConfig, world: int, device: str, torch_optimizer:
     return ds
 
 
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], lr: float,
+                 lr_scale: dict[str, float]) -> list[dict]:
+    """Split ``params`` into optimizer groups by ``lr_scale`` (parameter-name prefix -> lr multiplier).
+
+    Each parameter takes the scale of the longest prefix of its name in ``lr_scale`` (1 if none);
+    returns [{"params", "lr"}], the group of scale 1 first. A prefix that matches no
+    trained parameter is an error (a typo would otherwise train at the base lr silently).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    unused = set(lr_scale)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in params:
+        name = names.get(id(p), "")
+        hits = [k for k in lr_scale if name == k or name.startswith(k.rstrip(".") + ".")]
+        key = max(hits, key=len) if hits else None
+        unused.discard(key)
+        groups.setdefault(1.0 if key is None else float(lr_scale[key]), []).append(p)
+    if unused:
+        raise ValueError(f"optim.lr_scale: prefix(es) {sorted(unused)} match no trained parameter")
+    order = sorted(groups, key=lambda s: (s != 1.0, s))
+    return [{"params": groups[s], "lr": lr * s} for s in order]
+
+
 def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig, total_steps: int,
                  world: int, device: str):
     """``deepspeed.initialize`` on ``model`` with only ``params`` in the optimizer; returns the engine."""
@@ -109,9 +132,10 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
         use_torch_opt = device == "cpu"
     ds_config = deepspeed_config(cfg, world, device, use_torch_opt)
     o = cfg.optim
+    groups = param_groups(model, params, o.lr, o.lr_scale)
     optimizer = None
     if use_torch_opt:
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -120,7 +144,7 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
     scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
     if scalars:  # DeepSpeed broadcasts parameters as p.data.view(torch.uint8), which fails for 0-dim tensors
         raise ValueError(f"0-dim parameters cannot be trained with DeepSpeed (give them shape [1]): {scalars}")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     if engine.zero_optimization_stage() == 3:
         # Some trained weights are used outside their own module's forward (e.g. embedding tables read by a

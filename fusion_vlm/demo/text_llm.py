@@ -1,0 +1,195 @@
+"""Stage 0, language side: the world tokenizer and a tiny Llama trained on text only.
+
+The real system starts from a Llama-2 that has read a great deal of text, including text in which a
+passage comes first and a question about it follows; that is what lets it answer from the fused
+tokens placed before the question. A tiny Llama trained only on (question, answer) chats never
+learns to look back before the question (measured: docs/demo.md), so the stand-in is trained on
+chats whose user turns open with a *text context* standing where the fused tokens will go:
+
+* ``evidence``: the phrases of the objects the question is about (:attr:`~fusion_vlm.demo.world.QA.evidence`),
+  e.g. " purple triangle right, purple triangle top right" before "How many purple shapes are there?";
+* ``scene``: every object of the scene in reading order (what an image caption would say);
+* ``none``: no context (the question alone).
+
+Each turn draws its kind from ``context_mix``. Still no images: the LLM learns to read text; image
+content must reach it through the fused tokens later, and it stays frozen from here on.
+With ``fresh_scenes`` every batch holds new text-only scenes (:func:`~fusion_vlm.demo.world.make_text_example`),
+so that the LLM learns to read its context instead of memorising the train images' answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from fusion_vlm.demo.stage0 import _batches, _optimise
+from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, score
+from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
+
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+LOSSES_FILE = "stage0_losses.json"  # written last into the LLM directory: marks it complete
+CONTEXTS = ("evidence", "scene", "none")
+
+
+def context_text(example: Example, qa: QA, kind: str) -> str:
+    """The text that stands where the fused tokens go: "" for ``none``, else " phrase, phrase\\n".
+
+    The leading space makes a context word the same BPE token as the answer word (" red", not "red");
+    the closing newline leaves the question's first token as it is after fused tokens. A context with
+    no phrase says " nothing".
+    """
+    if kind == "none":
+        return ""
+    if kind == "evidence":
+        phrases = list(qa.evidence)
+    elif kind == "scene":
+        phrases = example.description.split(", ") if example.objects else []
+    else:
+        raise ValueError(f"context kind {kind!r}: expected one of {CONTEXTS}")
+    return " " + (", ".join(phrases) or "nothing") + "\n"
+
+
+def _corpus(examples: list[Example]):
+    for ex in examples:
+        yield ex.description
+        for qa in ex.qas:
+            yield qa.question
+            yield qa.answer
+            yield f"[INST] {qa.question} [/INST] {qa.answer}"
+    yield "<<SYS>>\n\n<</SYS>>\n\n"
+
+
+def train_tokenizer(examples: list[Example], out_dir: str | Path, vocab_size: int = 512):
+    """Byte-level BPE on the world's questions, answers and descriptions; saved to ``out_dir`` (or loaded).
+
+    Returns a ``PreTrainedTokenizerFast`` with specials <unk> <s> </s> <pad> (ids 0-3), bos/eos/unk/pad set
+    and ``chat_template = LLAMA2_CHAT_TEMPLATE``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(out_dir)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(examples), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = LLAMA2_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def chat(tokenizer, example: Example, kinds: list[str]):
+    """All of ``example``'s turns as one Llama-2 chat, turn i opened by its ``kinds[i]`` context (a Prompt)."""
+    turns = [(context_text(example, qa, k) + qa.question, qa.answer) for qa, k in zip(example.qas, kinds)]
+    return build_prompt(tokenizer, turns, [0] * len(turns))
+
+
+def _llm_batch(prompts, pad_id: int, loss_on: str):
+    """Right-padded (input_ids, attention_mask, labels), each long [B, L]."""
+    length = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for b, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[b, :n] = torch.tensor(p.input_ids)
+        mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(p.input_ids if loss_on == "all" else p.labels)
+    return ids, mask, labels
+
+
+def _draw_kinds(rng: random.Random, n: int, mix: dict[str, float]) -> list[str]:
+    names = list(mix)
+    return rng.choices(names, weights=[mix[k] for k in names], k=n)
+
+
+def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 200, batch_size: int = 16,
+                   lr: float = 2e-3, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128,
+                   num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
+                   loss_on: str = "all", context_mix: dict[str, float] | None = None,
+                   fresh_scenes: WorldConfig | None = None, progress: bool = True) -> dict:
+    """Train the tokenizer then a tiny Llama on text only; ``save_pretrained`` both into ``out_dir``.
+
+    One training sequence per scene: all its (context, question, answer) turns as a Llama-2 chat.
+    ``context_mix`` ({kind: weight} over :data:`CONTEXTS`; None = no contexts) picks each turn's context;
+    ``fresh_scenes`` (a WorldConfig) draws new text-only scenes for every batch instead of cycling
+    ``examples`` (which then only train the tokenizer). ``loss_on``: "all" tokens (default) or the
+    "answers" and their closing ``</s>`` only. "all" is the default because a generation prompt ends at
+    ``[/INST]`` while build_prompt's training prompts end at ``[/INST] `` (the space before the answer is
+    an unlabelled prompt token): with answer-only loss the token after ``[/INST]`` is never trained and
+    greedy decoding goes off-format. Returns {"losses", "seconds", "skipped"}.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if loss_on not in ("answers", "all"):
+        raise ValueError(f"loss_on={loss_on!r}: expected 'answers' or 'all'")
+    mix = dict(context_mix or {"none": 1.0})
+    if set(mix) - set(CONTEXTS) or not sum(mix.values()) > 0:
+        raise ValueError(f"context_mix={context_mix!r}: expected weights > 0 over {CONTEXTS}")
+    out_dir = Path(out_dir)
+    if (out_dir / LOSSES_FILE).is_file():
+        stored = json.loads((out_dir / LOSSES_FILE).read_text())
+        return {"losses": stored["losses"], "seconds": 0.0, "skipped": True}
+    start = time.time()
+    tok = train_tokenizer(examples, out_dir, vocab_size)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if fresh_scenes is not None:
+        batches = (list(range(s * batch_size, (s + 1) * batch_size)) for s in range(steps))
+    else:
+        batches = (idx.tolist() for idx in _batches(len(examples), batch_size, steps, seed))
+
+    def loss_of(idx):
+        scenes = [make_text_example(i, fresh_scenes) for i in idx] if fresh_scenes is not None else \
+            [examples[i] for i in idx]
+        prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in scenes]
+        ids, mask, labels = _llm_batch(prompts, tok.pad_token_id, loss_on)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _optimise(model, opt, batches, steps, lr, loss_of, "stage 0: text LLM", progress)
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    seconds = time.time() - start
+    (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "loss_on": loss_on,
+                                                   "context_mix": mix}))
+    return {"losses": losses, "seconds": seconds, "skipped": False}
+
+
+@torch.no_grad()
+def context_accuracy(llm_dir: str | Path, examples: list[Example], kind: str,
+                     max_new_tokens: int = 24) -> dict[str, float]:
+    """Greedy accuracy (%) per family of the text LLM in ``llm_dir`` when each question (asked alone)
+    is opened by its ``kind`` context: how well the frozen stand-in reads what stands before a question."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    model = LlamaForCausalLM.from_pretrained(llm_dir).eval()
+    right = defaultdict(list)
+    for ex in examples:
+        for qa in ex.qas:
+            prompt = build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, None)], [0])
+            ids = torch.tensor([prompt.input_ids])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            pred = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            right[qa.family].append(score(pred, qa.answer, qa.family))
+    return {f: 100.0 * sum(v) / len(v) for f, v in sorted(right.items(), key=lambda kv: FAMILIES.index(kv[0]))}
