@@ -116,6 +116,7 @@ class LossConfig:
     logit_scale_init: float = math.log(100.0)  # s in exp(s), learnable, initialised to ln(100)
     embed_dim: int | None = None  # contrastive embedding size; null = the CLIP model's embed_dim
     same_answer_positive: bool = False  # true: identical answers in a batch are positives, not negatives (DESIGN: false)
+    freeze_text_encoder: bool = False  # true: stage 1 keeps the CLIP text tower frozen (DESIGN trains it)
 
 
 @dataclass

@@ -87,7 +87,9 @@ class FusionVLM(nn.Module):
         if not self.config.vision.freeze:
             mods["vision"] = self.vision
         if stage == "contrastive":
-            mods.update(text_encoder=self.text_encoder, contrastive_head=self.contrastive_head)
+            mods["contrastive_head"] = self.contrastive_head
+            if not self.config.loss.freeze_text_encoder:
+                mods["text_encoder"] = self.text_encoder
         else:
             mods["projector"] = self.projector
         return mods

@@ -78,6 +78,12 @@ def test_stage_parameters_exclude_the_llm():
     gen_ids = {id(p) for p in model.set_stage("generation")}
     assert {id(p) for p in model.projector.parameters()} <= gen_ids
     assert not {id(p) for p in model.text_encoder.parameters()} & gen_ids
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    assert text_ids <= {id(p) for p in model.set_stage("contrastive")}
+    model.config.loss.freeze_text_encoder = True  # the option keeps the CLIP text tower out of stage 1
+    stage1 = {id(p) for p in model.set_stage("contrastive")}
+    assert not text_ids & stage1 and {id(p) for p in model.contrastive_head.parameters()} <= stage1
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
     model.train()
     assert model.fusion.training and not model.llm.training
 

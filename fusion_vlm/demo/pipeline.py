@@ -53,13 +53,19 @@ def demo_world(seed: int = 0):
 
 SIZES = {
     "quick": DemoSize(48, 16, "quick", 8, 40, 6, 0.5, 4, 2e-3, (1, 4, 16)),
-    "full": DemoSize(2000, 96, "full", 120, 500, 50, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
+    "full": DemoSize(2000, 96, "full", 500, 300, 50, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
 }
 # The tiny preset, widened a little so that a 2-core CPU can learn the world within the time budget; HD-4 views.
+# Stage 1 with the stage-0 CLIP text tower frozen (the answers' embeddings act as fixed class prototypes)
+# and identical answers as positives: the one stage-1 set-up whose features reached the LLM (docs/demo.md).
 MODEL_OVERRIDES = ["views.max_local_views=4", "fusion.hidden_size=96", "fusion.num_layers=3", "fusion.num_heads=4",
-                   "fusion.num_kv_heads=4", "fusion.intermediate_size=192"]
+                   "fusion.num_kv_heads=4", "fusion.intermediate_size=192", "loss.freeze_text_encoder=true",
+                   "loss.same_answer_positive=true"]
 
-LR_SCALE = {"fusion": 0.3}  # the fusion transformer learns the world at ~1/3 of the lr that suits vision and projector
+# lr multipliers per stage. Stage 1 grounds vision + fusion (the fusion at ~1/3 of the lr that suits vision);
+# stages 2-3 then mostly train the projector, so that the grounding of stage 1 survives (docs/demo.md).
+LR_SCALE = {"contrastive": {"fusion": 0.3},
+            "generation": {"vision": 0.01, "merge": 0.01, "fusion": 0.01, "projector": 3.0}}
 
 
 class Timings:
@@ -85,7 +91,8 @@ def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: 
         "stage": stage, "output_dir": str(out), "seed": seed, "micro_batch_size": size.micro_batch,
         "grad_accum": 1, "max_steps": steps,
         "data": {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True},
-        "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03, "lr_scale": LR_SCALE},
+        "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03,
+                  "lr_scale": LR_SCALE[stage]},
         "engine": {"device": "cpu"},
         "checkpoint": {"every": 0, "keep_last": 1},
         "logging": {"wandb_mode": "disabled", "progress_bar": True},
