@@ -118,11 +118,11 @@ def _train(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, se
 def _context_probe(llm_dir: Path, examples) -> dict:
     """How well the frozen stage-0 LLM answers the test questions from each kind of text context
     ({kind: {family: accuracy %}}); cached in ``llm_dir/context_probe.json``."""
-    from fusion_vlm.demo.text_llm import CONTEXTS, context_accuracy
+    from fusion_vlm.demo.text_llm import context_accuracy
 
     path = Path(llm_dir) / "context_probe.json"
     if not path.is_file():
-        path.write_text(json.dumps({k: context_accuracy(llm_dir, examples, k) for k in CONTEXTS}, indent=2))
+        path.write_text(json.dumps(context_accuracy(llm_dir, examples), indent=2))
     return json.loads(path.read_text())
 
 

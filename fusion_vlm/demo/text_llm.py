@@ -46,12 +46,12 @@ def context_text(example: Example, qa: QA, kind: str) -> str:
     if kind == "none":
         return ""
     if kind == "evidence":
-        phrases = list(qa.evidence)
+        text = ", ".join(qa.evidence)
     elif kind == "scene":
-        phrases = example.description.split(", ") if example.objects else []
+        text = example.description
     else:
         raise ValueError(f"context kind {kind!r}: expected one of {CONTEXTS}")
-    return " " + (", ".join(phrases) or "nothing") + "\n"
+    return " " + (text or "nothing") + "\n"
 
 
 def _corpus(examples: list[Example]):
@@ -175,21 +175,26 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
 
 
 @torch.no_grad()
-def context_accuracy(llm_dir: str | Path, examples: list[Example], kind: str,
-                     max_new_tokens: int = 24) -> dict[str, float]:
-    """Greedy accuracy (%) per family of the text LLM in ``llm_dir`` when each question (asked alone)
-    is opened by its ``kind`` context: how well the frozen stand-in reads what stands before a question."""
+def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXTS,
+                     max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """Greedy accuracy (%) per context kind and family, {kind: {family: %}}, of the text LLM in ``llm_dir``
+    when each question (asked alone) is opened by its context of that kind: how well the frozen stand-in
+    reads what stands before a question."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
     model = LlamaForCausalLM.from_pretrained(llm_dir).eval()
-    right = defaultdict(list)
-    for ex in examples:
-        for qa in ex.qas:
-            prompt = build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, None)], [0])
-            ids = torch.tensor([prompt.input_ids])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            pred = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            right[qa.family].append(score(pred, qa.answer, qa.family))
-    return {f: 100.0 * sum(v) / len(v) for f, v in sorted(right.items(), key=lambda kv: FAMILIES.index(kv[0]))}
+    out = {}
+    for kind in kinds:
+        right = defaultdict(list)
+        for ex in examples:
+            for qa in ex.qas:
+                prompt = build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, None)], [0])
+                ids = torch.tensor([prompt.input_ids])
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                pred = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+                right[qa.family].append(score(pred, qa.answer, qa.family))
+        out[kind] = {f: 100.0 * sum(v) / len(v)
+                     for f, v in sorted(right.items(), key=lambda kv: FAMILIES.index(kv[0]))}
+    return out

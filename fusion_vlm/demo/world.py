@@ -196,7 +196,8 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
         o = glyphs[int(rng.integers(len(glyphs)))]
         return QA(family, f"What {o.kind} is written {WHERE[o.region]}?", o.char, (o.phrase(),))
     if family == "description":
-        return QA(family, DESCRIBE, describe(objects), tuple(describe(objects).split(", ")))
+        text = describe(objects)
+        return QA(family, DESCRIBE, text, tuple(text.split(", ")))
     raise ValueError(f"unknown question family {family!r}; expected one of {FAMILIES}")
 
 
