@@ -156,15 +156,29 @@ class FusionModule(nn.Module):
             raise ValueError(f"n_queries={n}: must be between 1 and fusion.max_queries={self.cfg.max_queries}")
         return torch.cat([self.queries[: n - 1], self.eos_slot[None]], dim=0)
 
+    def embed_questions(self, questions: list[list[int]]) -> list[torch.Tensor]:
+        """Embed K questions in one table lookup: K id lists -> K float [len_k, H].
+
+        One lookup per batch, not per question: the backward of an embedding lookup writes a dense
+        [49408, H] gradient, so per-question lookups would cost that once for every question.
+        """
+        ids = torch.as_tensor([t for q in questions for t in q], dtype=torch.long, device=self.eos_slot.device)
+        return list(torch.split(self.embed_tokens(ids), [len(q) for q in questions]))
+
     def build_sequence(self, vision: torch.Tensor, questions: list[list[int]], n_queries: int, n_later: int,
-                       use_question: bool) -> tuple[torch.Tensor, FusionLayout]:
-        """Input embeddings of one sample: vision float [T, H] -> ([L, H], layout)."""
+                       use_question: bool, question_embeds: list[torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, FusionLayout]:
+        """Input embeddings of one sample: vision float [T, H] -> ([L, H], layout).
+
+        ``question_embeds`` (optional) are the questions already embedded (see :meth:`embed_questions`).
+        """
         layout = plan_layout(vision.shape[0], [len(q) for q in questions], n_queries, n_later, use_question)
+        if use_question and question_embeds is None:
+            question_embeds = self.embed_questions(questions)
         parts = [vision]
-        device = self.eos_slot.device
-        for q, (start, end), (s0, s1) in zip(questions, layout.question_spans, layout.slot_spans):
+        for g, ((start, end), (s0, s1)) in enumerate(zip(layout.question_spans, layout.slot_spans)):
             if end > start:
-                parts.append(self.embed_tokens(torch.as_tensor(q, dtype=torch.long, device=device)))
+                parts.append(question_embeds[g])
             parts.append(self.slots(s1 - s0))
         dtype = self.eos_slot.dtype
         return torch.cat([p.to(dtype) for p in parts], dim=0), layout
@@ -185,7 +199,9 @@ class FusionModule(nn.Module):
         use_question = self.cfg.use_question if use_question is None else use_question
         if len(vision) != len(questions):
             raise ValueError(f"got {len(vision)} vision sequences but {len(questions)} question lists")
-        seqs, layouts = zip(*(self.build_sequence(v, q, n_queries, n_later, use_question)
+        embedded = iter(self.embed_questions([q for qs in questions for q in qs]) if use_question else [])
+        seqs, layouts = zip(*(self.build_sequence(v, q, n_queries, n_later, use_question,
+                                                  [next(embedded) for _ in q] if use_question else None)
                               for v, q in zip(vision, questions)))
         max_len = max(s.shape[0] for s in seqs)
         if max_len > self.cfg.max_positions:
@@ -214,8 +230,10 @@ class FusionModule(nn.Module):
         Equivalent to ``forward`` on ``[vision][q_k][N slots]`` for each k, but
         the vision part is read from ``prefix`` instead of being recomputed.
         """
+        embedded = self.embed_questions(questions) if use_question else [None] * len(questions)
         seqs = [self.build_sequence(self.eos_slot.new_zeros(0, self.cfg.hidden_size), [q], n_queries, n_queries,
-                                    use_question)[0] for q in questions]
+                                    use_question, [e] if use_question else None)[0]
+                for q, e in zip(questions, embedded)]
         k, length = len(seqs), max(s.shape[0] for s in seqs)
         embeds = seqs[0].new_zeros(k, length, self.cfg.hidden_size)
         mask = torch.ones(k, prefix.length + length, dtype=torch.long, device=embeds.device)

@@ -51,7 +51,7 @@ def test_report_files_and_scores(demo_out):
     assert {"stage1 contrastive", "stage2 generation", "stage3 N-sweep fine-tunes", "evaluation"} <= set(timings)
     assert "## What the numbers say" in report and "(a) Weak scaling" in report
     probe = json.loads((demo_out / "stage0/llm/context_probe.json").read_text())
-    assert set(probe) == {"evidence", "scene", "none"} and "| context | attribute |" in report
+    assert set(probe) == {"answer", "evidence", "scene", "none"} and "| context | attribute |" in report
     assert f"| evidence | {probe['evidence']['attribute']:.1f} |" in report
     assert "| family | mode | " + " | ".join(f"N={n}" for n in QUICK.n_values) + " |" in report
 

@@ -21,10 +21,10 @@ def _line(lines, prefix):
 def test_question_fusion_claim_needs_more_than_two_standard_errors():
     # 3 points apart on 95 questions: 2 SE of the mean over N=1,2,4 is 2*sqrt(3 * (40*60 + 37*63) / 95) / 3 = 8.1
     line = _line(claims(_results(40, 37, 37, 95), {}, [1, 2, 4, 8]), "(b) Localized family 'attribute'")
-    assert "vqq - vq_ft = +3.0 +- 8.1 points" in line and line.endswith("noise: not distinguishable from noise.")
+    assert "vqq - vq_ft = +3.0 +- 8.1 points" in line and line.endswith("noise? not distinguishable from noise.")
     # the same 3 points on 100x the questions clear the bar; a clear loss is a "no"
-    assert _line(claims(_results(40, 37, 37, 9500), {}, [1, 2, 4]), "(b)").endswith("noise: yes.")
-    assert _line(claims(_results(40, 60, 37, 95), {}, [1, 2, 4]), "(b)").endswith("noise: no.")
+    assert _line(claims(_results(40, 37, 37, 9500), {}, [1, 2, 4]), "(b)").endswith("noise? yes.")
+    assert _line(claims(_results(40, 60, 37, 95), {}, [1, 2, 4]), "(b)").endswith("noise? no.")
 
 
 def test_global_description_claim_sign_rule():

@@ -42,6 +42,18 @@ def test_clip_loss_falls_and_checkpoint_loads(outputs):
     assert torch.equal(fresh.visual.conv1.weight, saved["visual.conv1.weight"])
 
 
+def test_clip_captions_are_the_description_then_each_answered_question(examples):
+    ex = next(e for e in examples if any(qa.family == "description" for qa in e.qas))
+    caps = stage0.captions(ex)
+    asked = [qa for qa in ex.qas if qa.family != "description"]
+    assert caps[0] == ex.description and len(caps) == 1 + len(asked)
+    for cap, qa in zip(caps[1:], asked):
+        assert cap == f"{qa.question} {qa.answer}"
+    images, texts = stage0.clip_inputs(examples[:3])
+    assert images.shape == (3, 3, 112, 112) and [t.shape[0] for t in texts] == [len(stage0.captions(e))
+                                                                                 for e in examples[:3]]
+
+
 def test_text_llm_loss_falls_and_tokenizer(outputs, examples):
     out, _, llm = outputs
     losses = llm["losses"]

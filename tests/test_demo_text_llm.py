@@ -24,6 +24,7 @@ def test_context_kinds(examples):
     ex = examples[0]
     qa = ex.qas[0]
     assert text_llm.context_text(ex, qa, "none") == ""
+    assert text_llm.context_text(ex, qa, "answer") == f" {qa.answer}\n"
     assert text_llm.context_text(ex, qa, "scene") == f" {ex.description}\n"
     assert text_llm.context_text(ex, qa, "evidence") == " " + (", ".join(qa.evidence) or "nothing") + "\n"
     with pytest.raises(ValueError, match="context kind 'caption'"):

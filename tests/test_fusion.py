@@ -71,6 +71,21 @@ def test_matches_plain_llama_on_same_embeddings(fusion):
     torch.testing.assert_close(embeds[17:17 + len(q[0])], fusion.embed_tokens.weight[q[0]])
 
 
+def test_questions_embedded_in_one_lookup(fusion):
+    """embed_questions splits one table lookup back into the questions; its backward touches only their rows."""
+    tok = QuestionTokenizer(64)
+    q = [tok("what colour is the shape"), tok("is there a red circle"), tok("b")]
+    parts = fusion.embed_questions(q)
+    assert [p.shape for p in parts] == [(len(x), 48) for x in q]
+    for p, ids in zip(parts, q):
+        torch.testing.assert_close(p, fusion.embed_tokens.weight[ids])
+    fusion.zero_grad()
+    torch.cat(parts).sum().backward()
+    touched = fusion.embed_tokens.weight.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert touched == sorted({t for x in q for t in x})
+    fusion.zero_grad()
+
+
 def test_batch_with_padding_equals_single(fusion):
     tok = QuestionTokenizer(64)
     v1, v2 = torch.randn(17, 48), torch.randn(51, 48)

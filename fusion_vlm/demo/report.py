@@ -69,8 +69,8 @@ def claims(results: dict, fits: dict, n_values) -> list[str]:
             continue
         lines.append(f"(b) Localized family '{fam}', N <= {SMALL_N}: vqq - vq_ft = {d_ft[0]:+.1f} +- {d_ft[1]:.1f} "
                      f"points, vqq - vq = {d_vq[0]:+.1f} +- {d_vq[1]:.1f} points (mean over N in {small}; +- two "
-                     f"binomial standard errors). Question fusion beats both no-question models by more than the "
-                     f"noise: {verdict(d_ft, d_vq)}.")
+                     f"binomial standard errors). Does question fusion beat both no-question models by more than "
+                     f"the noise? {verdict(d_ft, d_vq)}.")
     d_ft, d_vq = diff(GLOBAL, "vqq", "vq_ft"), diff(GLOBAL, "vqq", "vq")
     if d_ft is not None and d_vq is not None:
         seen = "seen here" if d_ft[0] < -d_ft[1] else "not seen here"
@@ -127,8 +127,9 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, 
                       f"{'yes' if fit.degenerate else 'no'} |")
     probe_fams = list(next(iter(context_probe.values()), {}))
     md += ["", "## The frozen stage-0 LLM reading text contexts (no image)", "",
-           "Accuracy (%) on test questions opened by a text context in place of the fused tokens: `evidence` = "
-           "the phrases of the objects the question is about, `scene` = every object, `none` = no context. "
+           "Accuracy (%) on test questions opened by a text context in place of the fused tokens: `answer` = "
+           "the answer itself, `evidence` = the phrases of the objects the question is about, "
+           "`scene` = every object, `none` = no context. "
            "It shows what this LLM makes of fused tokens that carry the same content as such a text.", "",
            "| context | " + " | ".join(probe_fams) + " |", "|---|" + "---|" * len(probe_fams)]
     md += [f"| {k} | " + " | ".join(f"{v.get(f, 0.0):.1f}" for f in probe_fams) + " |"

@@ -6,6 +6,8 @@ tokens placed before the question. A tiny Llama trained only on (question, answe
 learns to look back before the question (measured: docs/demo.md), so the stand-in is trained on
 chats whose user turns open with a *text context* standing where the fused tokens will go:
 
+* ``answer``: the answer itself, e.g. " red" before "What colour is the shape in the top left?" (what a
+  fused token that has worked the answer out would carry);
 * ``evidence``: the phrases of the objects the question is about (:attr:`~fusion_vlm.demo.world.QA.evidence`),
   e.g. " purple triangle right, purple triangle top right" before "How many purple shapes are there?";
 * ``scene``: every object of the scene in reading order (what an image caption would say);
@@ -33,11 +35,12 @@ from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 LOSSES_FILE = "stage0_losses.json"  # written last into the LLM directory: marks it complete
-CONTEXTS = ("evidence", "scene", "none")
+CONTEXTS = ("answer", "evidence", "scene", "none")
 
 
 def context_text(example: Example, qa: QA, kind: str) -> str:
-    """The text that stands where the fused tokens go: "" for ``none``, else " phrase, phrase\\n".
+    """The text that stands where the fused tokens go: "" for ``none``, else " text\\n" (the answer, the
+    evidence phrases or the whole scene).
 
     The leading space makes a context word the same BPE token as the answer word (" red", not "red");
     the closing newline leaves the question's first token as it is after fused tokens. A context with
@@ -45,7 +48,9 @@ def context_text(example: Example, qa: QA, kind: str) -> str:
     """
     if kind == "none":
         return ""
-    if kind == "evidence":
+    if kind == "answer":
+        text = qa.answer
+    elif kind == "evidence":
         text = ", ".join(qa.evidence)
     elif kind == "scene":
         text = example.description
