@@ -149,9 +149,11 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_data, tmp_path):
     losses = train(cfg_for("tiny_stage1", tiny_data, tmp_path / "fit1", *fixed, "max_steps=8",
                            "optim.lr=0.0003")).losses
     assert min(losses[6], losses[7], losses[8]) < 0.5 * losses[1], losses
-    losses = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "fit2", *fixed, "init_from=null", "max_steps=12",
+    losses = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "fit2", *fixed, "init_from=null", "max_steps=20",
                            "optim.lr=0.003", "model_overrides=[llm.tiny.initializer_range=0.5]")).losses
-    assert min(losses[10], losses[11], losses[12]) < 0.85 * losses[1], losses
+    # 20 steps, not fewer: the early losses move with float summation order (one embedding lookup for all
+    # questions or one per question gave 10.27 against 9.94 at step 12), the fall over 20 steps does not
+    assert min(losses[18], losses[19], losses[20]) < 0.85 * losses[1], losses
 
 
 def test_bad_records_are_skipped_and_counted(tiny_data, tmp_path):
