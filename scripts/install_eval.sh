@@ -38,6 +38,37 @@ PY="$VENV/bin/python"
 "$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
   || { echo "install_eval.sh: $VENV has Python < 3.10" >&2; exit 1; }
 
+# torch's CUDA build takes 5.5 GB. When the training venv (scripts/setup_env.sh)
+# already has the pinned torch on the same disk, hard-link its files here instead
+# of a second copy; pip then sees torch installed and adds only what is missing.
+MAIN_PY="${FUSION_VLM_VENV:-$REPO/.venv}/bin/python"
+if [[ -x "$MAIN_PY" && "$MAIN_PY" != "$PY" ]] && ! "$PY" -c 'import torch' 2>/dev/null \
+   && "$MAIN_PY" -c 'import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith("2.14.1") and torchvision.__version__.startswith("0.29.1")))' 2>/dev/null; then
+  step "hard-linking torch, torchvision and their CUDA libraries from $(dirname "$(dirname "$MAIN_PY")")"
+  SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  "$MAIN_PY" - "$SITE" <<'PY' || echo "install_eval.sh: hard links not possible here; pip installs a copy instead"
+import importlib.metadata as md, os, re, sys
+target, made = sys.argv[1], []
+wanted = re.compile(r"(torch|torchvision|triton|nvidia[-_].*|cuda[-_].*)")
+try:
+    for dist in md.distributions():
+        if not wanted.fullmatch(dist.metadata["Name"].lower()):
+            continue
+        for f in dist.files or []:
+            src, dst = dist.locate_file(f), os.path.join(target, str(f))
+            if str(f).startswith("..") or not os.path.isfile(src) or os.path.exists(dst):
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.link(src, dst)
+            made.append(dst)
+except OSError as err:  # e.g. the two venvs on different file systems
+    for path in made:
+        os.unlink(path)
+    sys.exit(f"hard link failed ({err}); removed the {len(made)} links made")
+print(f"linked {len(made)} files")
+PY
+fi
+
 if "$PY" -c 'import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith("2.14.1") and torchvision.__version__.startswith("0.29.1")))' 2>/dev/null; then
   step "torch 2.14.1 already installed"
 else
