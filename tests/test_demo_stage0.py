@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from fusion_vlm.demo import stage0, text_llm
 from fusion_vlm.demo.world import make_examples
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE
+from fusion_vlm.demo.render import nearest_colour
+from fusion_vlm.views import CLIP_MEAN, CLIP_STD, ViewProcessor
 from fusion_vlm.vision import build_clip
 
 from conftest import SMALL_LLM
@@ -52,6 +54,38 @@ def test_clip_captions_are_the_description_then_each_answered_question(examples)
     images, texts = stage0.clip_inputs(examples[:3])
     assert images.shape == (3, 3, 112, 112) and [t.shape[0] for t in texts] == [len(stage0.captions(e))
                                                                                  for e in examples[:3]]
+
+
+def test_local_view_captions_name_the_objects_drawn_in_each_view(examples):
+    """Independent of the caption's geometry: the pixel at each shape's centre, read out of the local view
+    the caption puts it in, has the shape's colour; and clip_inputs adds one pair per non-empty view."""
+    processor = ViewProcessor(view_size=112, max_local_views=4)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    checked = 0
+    for ex in examples[:12]:
+        pixels, plan = processor(ex.image)
+        caps = stage0.local_view_captions(ex, plan)
+        assert len(caps) == plan.n_local and sum(c is not None for c in caps) >= 1
+        named = [name for c in caps if c for name in c.split(", ")]
+        assert sorted(named) == sorted(o.name() for o in ex.objects)
+        sx, sy = plan.resized[0] / ex.image.width, plan.resized[1] / ex.image.height
+        for obj in (o for o in ex.objects if o.kind == "shape"):
+            x, y = obj.centre[0] * sx + plan.offset[0], obj.centre[1] * sy + plan.offset[1]
+            views_with_it = [i for i, c in enumerate(caps) if c and obj.name() in c.split(", ")]
+            found = False
+            for i in views_with_it:
+                r, c = divmod(i, plan.cols)
+                px, py = int(x) - c * plan.view_size, int(y) - r * plan.view_size
+                if 0 <= px < plan.view_size and 0 <= py < plan.view_size:
+                    rgb = ((pixels[1 + i] * std + mean)[:, py, px] * 255).round().int().tolist()
+                    found |= nearest_colour(tuple(rgb)) == obj.colour
+            assert found, (ex.id, obj)
+            checked += 1
+    assert checked >= 12
+    images, texts = stage0.clip_inputs(examples[:4], max_local_views=4)
+    n_local = [sum(c is not None for c in stage0.local_view_captions(e, processor(e.image)[1])) for e in examples[:4]]
+    assert images.shape[0] == len(texts) == 4 + sum(n_local)
+    assert [t.shape[0] for t in texts].count(1) >= sum(n_local)
 
 
 def test_text_llm_loss_falls_and_tokenizer(outputs, examples):

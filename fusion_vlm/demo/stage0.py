@@ -1,7 +1,8 @@
 """Stage 0 of the CPU demo: small stand-ins for the pretrained parts, made the way the real ones were.
 
 * :func:`train_clip` -- the tiny open_clip CLIP of ``configs/model/tiny.yaml`` trained contrastively
-  (``open_clip.loss.ClipLoss``, open_clip's tokenizer) on (global view, canonical description) pairs;
+  (``open_clip.loss.ClipLoss``, open_clip's tokenizer) on (view, caption) pairs: global views with the
+  description or an answered question, HD local views with the names of the objects in them;
   saved as a safetensors state dict that ``open_clip.load_checkpoint`` (hence ``vision.pretrained``) loads.
 * :func:`fusion_vlm.demo.text_llm.train_text_llm` -- the world tokenizer and a tiny ``LlamaForCausalLM``
   trained on TEXT ONLY (chats whose questions may be opened by a text context; see that module).
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from fusion_vlm.config import ModelConfig, load_model_config
 from fusion_vlm.demo.world import Example, WorldConfig
 from fusion_vlm.vision import build_clip
-from fusion_vlm.views import ViewProcessor
+from fusion_vlm.views import ViewPlan, ViewProcessor
 
 # step counts / batch sizes of the two demo sizes (see run_stage0)
 PRESETS = {
@@ -97,18 +98,45 @@ def captions(example: Example) -> list[str]:
                                      if qa.family != "description"]
 
 
-def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64):
-    """(images float [n, 3, S, S]: the global view of each image, texts: one long [k_i, C] per image, the
-    tokens of its :func:`captions`)."""
-    views = ViewProcessor(view_size=view_size, max_local_views=1)
-    images = torch.stack([views(ex.image)[0][0] for ex in examples])
+def local_view_captions(example: Example, plan: ViewPlan) -> list[str | None]:
+    """Per local view of ``plan`` (row-major), the names of the objects whose centre lies in it
+    ("red circle, letter k"), or None for a view with none."""
+    sx, sy = plan.resized[0] / example.image.width, plan.resized[1] / example.image.height
+    (ox, oy), s = plan.offset, plan.view_size
+    cells = [[] for _ in range(plan.n_local)]
+    for obj in example.objects:
+        col, row = int((obj.centre[0] * sx + ox) // s), int((obj.centre[1] * sy + oy) // s)
+        cells[min(row, plan.rows - 1) * plan.cols + min(col, plan.cols - 1)].append(obj.name())
+    return [", ".join(names) or None for names in cells]
+
+
+def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64, max_local_views: int = 1):
+    """CLIP training pairs: (images float [n, 3, S, S], texts: one long [k_i, C] per image).
+
+    Each example gives its global view with the tokens of its :func:`captions`; with ``max_local_views``
+    > 1 also each of its HD local views that holds an object, captioned by :func:`local_view_captions`
+    (k_i = 1). In a local view a shape spans several patches, where in the global view of a wide image
+    it is about one: the stand-in then sees shapes, as a CLIP pretrained at many scales does.
+    """
+    views = ViewProcessor(view_size=view_size, max_local_views=max_local_views)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
-    return images, [tokenizer(captions(ex)) for ex in examples]
+    images, texts = [], []
+    for ex in examples:
+        pixels, plan = views(ex.image)
+        images.append(pixels[0])
+        texts.append(tokenizer(captions(ex)))
+        if plan.n_local > 1:
+            for view, caption in zip(pixels[1:], local_view_captions(ex, plan)):
+                if caption is not None:
+                    images.append(view)
+                    texts.append(tokenizer([caption]))
+    return torch.stack(images), texts
 
 
 def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, batch_size: int = 64,
-               lr: float = 1e-3, seed: int = 0, description_prob: float = 0.5, progress: bool = True) -> dict:
-    """Train the tiny CLIP on (global view, caption) pairs; save its state dict to ``out_path``.
+               lr: float = 1e-3, seed: int = 0, description_prob: float = 0.5, max_local_views: int = 1,
+               progress: bool = True) -> dict:
+    """Train the tiny CLIP on (view, caption) pairs of :func:`clip_inputs`; save its state dict to ``out_path``.
 
     A caption is the image's description with probability ``description_prob``, else one of its
     questions with its answer (:func:`captions`): a text tower that has read only descriptions maps
@@ -126,7 +154,7 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     cfg = clip_config()
     torch.manual_seed(seed)
     model = build_clip(cfg.vision, cfg.views.view_size)
-    images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length)
+    images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, max_local_views)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr,
@@ -150,7 +178,7 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    losses = _optimise(model, opt, _batches(len(examples), batch_size, steps, seed), steps, lr, loss_of,
+    losses = _optimise(model, opt, _batches(len(images), batch_size, steps, seed), steps, lr, loss_of,
                        "stage 0: CLIP", progress, after_step=clamp_scale)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -181,7 +209,8 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
                world: WorldConfig | None = None, progress: bool = True) -> dict:
     """Both stand-ins with the step counts of ``PRESETS[size]``: ``out_dir/clip.safetensors``, ``out_dir/llm/``.
 
-    The LLM reads fresh text-only scenes of ``world`` (default: the default world of ``seed``), each
+    The CLIP sees the global views and the HD-``world.max_local_views`` local views of ``examples``; the
+    LLM reads fresh text-only scenes of ``world`` (default: the default world of ``seed``), each
     question opened by a context drawn from :data:`CONTEXT_MIX`.
 
     Returns {"clip_path", "llm_dir", "clip": train_clip's dict, "llm": train_text_llm's dict, "seconds"}.
@@ -189,11 +218,12 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     if size not in PRESETS:
         raise ValueError(f"size={size!r}: expected one of {sorted(PRESETS)}")
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
+    world = world or WorldConfig(seed=seed)
     clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
-                      progress=progress)
+                      max_local_views=world.max_local_views, progress=progress)
     from fusion_vlm.demo.text_llm import train_text_llm
 
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
-                         context_mix=CONTEXT_MIX, fresh_scenes=world or WorldConfig(seed=seed), progress=progress)
+                         context_mix=CONTEXT_MIX, fresh_scenes=world, progress=progress)
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}

@@ -89,10 +89,13 @@ class WorldObject:
         """Integer pixel (x, y) at the box centre; inside the drawn shape."""
         return (self.box[0] + self.box[2]) // 2, (self.box[1] + self.box[3]) // 2
 
+    def name(self) -> str:
+        """What the object is, without where: "red square" or "letter k"."""
+        return f"{self.colour} {self.shape}" if self.kind == "shape" else f"{self.kind} {self.char}"
+
     def phrase(self) -> str:
         """Canonical description item, e.g. "red square top left" or "letter k top right"."""
-        what = f"{self.colour} {self.shape}" if self.kind == "shape" else f"{self.kind} {self.char}"
-        return f"{what} {self.region}"
+        return f"{self.name()} {self.region}"
 
 
 @dataclass(frozen=True)
