@@ -24,7 +24,7 @@ MODES = ("vqq", "vq_ft", "vq")  # vision+question+queries; fine-tuned without qu
 class DemoSize:
     """How big a demo run is."""
 
-    train_images: int  # images in the train split (each with 3-5 questions)
+    train_images: int  # images in the train split (each with the world's 8-10 questions)
     test_images: int  # images in the test split
     stage0: str  # stage-0 preset of fusion_vlm.demo.stage0 (quick | full)
     stage1_steps: int  # contrastive steps
