@@ -67,6 +67,20 @@ def test_existence_balanced(train, test_split):
         assert 0.4 <= answers.count("yes") / len(answers) <= 0.6
 
 
+def test_existence_balanced_per_image_in_a_world_with_few_shapes():
+    # 1-3 shapes and 8-10 questions per image: "yes" runs out after the present pairs, so balance has to be
+    # kept per image (an image with one shape asks at most one "yes" and one "no")
+    cfg = replace(CFG, colours=("red", "green", "blue"), shapes=("square", "circle", "triangle"),
+                  heldout=(("red", "triangle"),), n_shapes=(1, 3), n_glyphs=(1, 1), questions=(8, 10))
+    total = Counter()
+    for ex in make_examples("test", 60, cfg):
+        answers = Counter(qa.answer for qa in ex.qas if qa.family == "existence")
+        n_pairs = len({(o.colour, o.shape) for o in ex.objects if o.kind == "shape"})
+        assert abs(answers["yes"] - answers["no"]) <= 1 and max(answers.values(), default=0) <= n_pairs, ex.id
+        total.update(answers)
+    assert abs(total["yes"] - total["no"]) <= 0.05 * sum(total.values()), total
+
+
 def test_heldout_pairs_only_in_test(train, test_split):
     held = set(CFG.heldout)
     for ex in train:

@@ -167,7 +167,10 @@ def _sample_scene(rng: np.random.Generator, cfg: WorldConfig, split: str, w: int
     return objects
 
 
-def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObject], yes: bool) -> QA:
+def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObject], yes: bool,
+         asked: set[str] = frozenset()) -> QA | None:
+    """One question of ``family``. Existence: answer "yes" iff ``yes``, never one of ``asked``, and at most
+    as many "no" as there are present pairs; None when no such question is left."""
     shapes = [o for o in objects if o.kind == "shape"]
 
     def about(keep) -> tuple[str, ...]:
@@ -180,7 +183,12 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
         return QA(family, f"What shape is {WHERE[o.region]}?", o.shape, (o.phrase(),))
     if family == "existence":
         present = sorted({(o.colour, o.shape) for o in shapes})
-        pool = present if yes else [p for p in _pairs(cfg, split) if p not in present]
+        absent = [p for p in _pairs(cfg, split) if p not in present]
+        if not yes and sum(f"Is there a {c} {s}?" in asked for c, s in absent) >= len(present):
+            return None  # as many "no" as there can be "yes" in this image
+        pool = [(c, s) for c, s in (present if yes else absent) if f"Is there a {c} {s}?" not in asked]
+        if not pool:
+            return None
         colour, shape = pool[int(rng.integers(len(pool)))]
         return QA(family, f"Is there a {colour} {shape}?", "yes" if yes else "no",
                   about(lambda o: o.colour == colour or o.shape == shape))
@@ -210,17 +218,20 @@ def _questions(rng, cfg: WorldConfig, split: str, objects: list[WorldObject], in
     askable = {"reading": any(o.kind != "shape" for o in objects)}
     others = [f for f in cfg.families if f != "description" and askable.get(f, True)]
     describe_it = "description" in cfg.families and rng.random() < cfg.description_prob
-    # the first existence question of image i is "yes" iff i is even (exact balance); each later one
-    # flips a coin, drawn only once the previous existence question was kept (no bias from redraws)
+    # existence answers alternate within an image, starting with "yes" iff i is even, and stop when _ask has
+    # no fresh "yes" (every present pair asked) or "no" (as many as present pairs) left: balanced per image
     qas, seen, yes = [], set(), index % 2 == 0
     for _ in range(20 * n if others else 0):
-        if len(qas) >= n - describe_it:
+        if len(qas) >= n - describe_it or not others:
             break
         family = others[int(rng.integers(len(others)))]
-        qa = _ask(rng, cfg, split, family, objects, yes)
+        qa = _ask(rng, cfg, split, family, objects, yes, seen)
+        if qa is None:
+            others.remove(family)
+            continue
         if qa.question in seen:
             continue
-        yes = bool(rng.random() < 0.5) if family == "existence" else yes
+        yes = not yes if family == "existence" else yes
         seen.add(qa.question)
         qas.append(qa)
     if describe_it:
