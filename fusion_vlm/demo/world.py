@@ -182,15 +182,18 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
             return QA(family, f"What colour is the shape {WHERE[o.region]}?", o.colour, (o.phrase(),))
         return QA(family, f"What shape is {WHERE[o.region]}?", o.shape, (o.phrase(),))
     if family == "existence":
+        def question(pair: tuple[str, str]) -> str:
+            return f"Is there a {pair[0]} {pair[1]}?"
+
         present = sorted({(o.colour, o.shape) for o in shapes})
         absent = [p for p in _pairs(cfg, split) if p not in present]
-        if not yes and sum(f"Is there a {c} {s}?" in asked for c, s in absent) >= len(present):
+        if not yes and sum(question(p) in asked for p in absent) >= len(present):
             return None  # as many "no" as there can be "yes" in this image
-        pool = [(c, s) for c, s in (present if yes else absent) if f"Is there a {c} {s}?" not in asked]
+        pool = [p for p in (present if yes else absent) if question(p) not in asked]
         if not pool:
             return None
         colour, shape = pool[int(rng.integers(len(pool)))]
-        return QA(family, f"Is there a {colour} {shape}?", "yes" if yes else "no",
+        return QA(family, question((colour, shape)), "yes" if yes else "no",
                   about(lambda o: o.colour == colour or o.shape == shape))
     if family == "counting":
         if rng.random() < 0.5:
