@@ -66,6 +66,29 @@ def test_fresh_scene_training_learns_and_is_deterministic(examples, tmp_path):
     assert make_text_example(0, world).objects != examples[0].objects
 
 
+def test_question_stream_walks_fresh_scenes_in_order_and_examples_in_epochs(examples):
+    from itertools import islice
+
+    world = WorldConfig()
+    fresh = list(islice(text_llm._question_stream(examples, world, seed=0), 25))
+    expected = [(i, qa) for i in range(10) for qa in make_text_example(i, world).qas][:25]
+    assert [(ex.id, qa) for ex, qa in fresh] == [(f"text-{i:06d}", qa) for i, qa in expected]
+    pairs = [(ex.id, qa.question) for ex in examples[:3] for qa in ex.qas]
+    epochs = [(ex.id, qa.question) for ex, qa in islice(text_llm._question_stream(examples[:3], None, 0),
+                                                         2 * len(pairs))]
+    assert sorted(epochs[:len(pairs)]) == sorted(pairs) == sorted(epochs[len(pairs):])
+    assert epochs[:len(pairs)] != pairs  # shuffled
+
+
+def test_per_question_answer_loss_learns_and_is_deterministic(examples, tmp_path):
+    kw = dict(steps=30, batch_size=16, lr=3e-3, seed=0, context_mix={"scene": 0.7, "answer": 0.3},
+              fresh_scenes=WorldConfig(), per_question=True, loss_on="answers", progress=False, **SMALL_LLM)
+    runs = [text_llm.train_text_llm(examples, tmp_path / f"q{i}", **kw) for i in range(2)]
+    losses = runs[0]["losses"]
+    assert losses == runs[1]["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+
+
 def test_bad_context_mix_is_refused(examples, tmp_path):
     with pytest.raises(ValueError, match="context_mix"):
         text_llm.train_text_llm(examples, tmp_path / "x", steps=1, context_mix={"captions": 1.0}, progress=False)

@@ -47,6 +47,11 @@ def test_config_errors_name_the_field():
     assert load_train_config("tiny_stage1", ["optim.lr_scale.fusion=0.3"]).optim.lr_scale == {"fusion": 0.3}
     with pytest.raises(FileNotFoundError, match="no_such_preset"):
         load_train_config("no_such_preset")
+    with pytest.raises(ConfigError, match=r"n_queries_choices=0: every value must be an integer >= 1"):
+        load_train_config("tiny_stage1", ["n_queries_choices=[4,0]"])
+    with pytest.raises(ConfigError, match=r"n_queries_later=4: must be null when n_queries_choices is set"):
+        load_train_config("tiny_stage1", ["n_queries_choices=[4,8]", "n_queries_later=4"])
+    assert load_train_config("tiny_stage1", ["n_queries_choices=[1,4]"]).n_queries_choices == [1, 4]
 
 
 def test_stage3_command_line_sets_n_and_question():

@@ -138,3 +138,37 @@ def test_resumable_sampler_resumes_mid_epoch_and_shards():
     assert set(i for b in r0 + r1 for i in b) == set(range(10))
     with pytest.raises(ValueError, match="no usable"):
         ResumableBatchSampler(0, 2, seed=0)
+
+
+def test_sampler_draws_one_n_per_micro_batch_reproducibly():
+    choices = (1, 2, 4, 8)
+    full = list(ResumableBatchSampler(40, 2, seed=3, epoch=1, n_choices=choices))
+    assert len(full) == 20
+    ns = [{n for _, n in b} for b in full]
+    assert all(len(s) == 1 for s in ns)  # one N per micro-batch
+    drawn = [s.pop() for s in ns]
+    assert set(drawn) == set(choices)  # 20 draws of 4 values: all seen (P(miss one) < 0.02, fixed by the seed)
+    plain = list(ResumableBatchSampler(40, 2, seed=3, epoch=1))
+    assert [[i for i, _ in b] for b in full] == plain  # same record order as without choices
+    assert list(ResumableBatchSampler(40, 2, seed=3, epoch=1, start=7, n_choices=choices)) == full[7:]  # resume
+    r0 = list(ResumableBatchSampler(40, 2, seed=3, epoch=1, rank=0, world=2, n_choices=choices))
+    r1 = list(ResumableBatchSampler(40, 2, seed=3, epoch=1, rank=1, world=2, n_choices=choices))
+    assert [b[0][1] for b in r0] == [b[0][1] for b in r1] == drawn[:10]  # every rank draws the same N
+    other = list(ResumableBatchSampler(40, 2, seed=3, epoch=2, n_choices=choices))
+    assert [b[0][1] for b in other] != drawn
+
+
+def test_sample_dataset_builds_the_drawn_n(tmp_path, tiny_model):
+    make_image(120, 90).save(tmp_path / "a.png")
+    records = [{"id": "a", "image": "a.png", "conversations": conv(("what?", "a thing"), ("more?", "yes"))}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(records))
+    ds = SampleDataset(load_llava([str(f)], str(tmp_path), SkipCounter()), tiny_model.processor, "generation")
+    later = tiny_model.config.fusion.later
+    base = ds[0]
+    assert (base.n_queries, base.n_queries_later) == (tiny_model.config.fusion.n_queries, later)
+    for n in (1, later + 1):
+        s = ds[(0, n)]
+        assert (s.n_queries, s.n_queries_later) == (n, min(n, later))
+        assert int(s.fused_mask.sum()) == n + min(n, later)  # N slots for the first question, N' for the second
+

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_vlm.cli import main
+from fusion_vlm.training.batches import ResumableBatchSampler
 from fusion_vlm.training.config import load_train_config
 from fusion_vlm.training.loop import train
 from fusion_vlm.training.metrics import read_metrics
@@ -116,9 +117,10 @@ def test_lr_scale_typo_is_refused(tiny_data, tmp_path):
                       "optim.lr_scale={fuson: 0.5}"))
 
 
-def test_resume_is_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("choices", [[], [1, 2, 8]], ids=["fixed_n", "drawn_n"])
+def test_resume_is_exact(tiny_data, tmp_path, choices):
     common = ["stage=generation", "init_from=null", "max_steps=4", "checkpoint.every=2", "micro_batch_size=2",
-              "grad_accum=2", "optim.warmup_ratio=0.25"]
+              "grad_accum=2", "optim.warmup_ratio=0.25", f"n_queries_choices={choices}"]
     full = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "full", *common))
     first = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "split", *common, "stop_at_step=2"))
     assert first.stopped == "stop_at_step" and first.steps == 2 and first.final_dir is None
@@ -132,6 +134,18 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert any(e.get("event") == "resume" and e["step"] == 2 for e in events)
     kept = sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*"))
     assert kept == ["checkpoint-0000002", "checkpoint-0000004"] and not list((tmp_path / "split").glob(".tmp-*"))
+    if choices:  # each step logs the mean N of its 2 micro-batches: the sampler's draws (6 micro-batches/epoch)
+        draws = [ResumableBatchSampler(12, 2, seed=0, epoch=e, n_choices=choices).n_for_batch(b)
+                 for e in (0, 1) for b in range(6)]
+        want = [(draws[2 * k] + draws[2 * k + 1]) / 2 for k in range(4)]
+        for run in ("full", "split"):
+            assert [r["n_queries"] for r in read_metrics(tmp_path / run / "metrics.jsonl")] == want, run
+        assert len(set(draws[:8])) > 1
+
+
+def test_drawn_n_beyond_max_queries_is_refused(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=r"\[100\] exceed fusion.max_queries=64"):
+        train(cfg_for("tiny_stage2", tiny_data, tmp_path / "x", "init_from=null", "n_queries_choices=[1,100]"))
 
 
 def test_loss_falls_when_overfitting_a_fixed_batch(tiny_data, tmp_path):

@@ -32,12 +32,13 @@ from fusion_vlm.views import ViewPlan, ViewProcessor
 
 # step counts / batch sizes of the two demo sizes (see run_stage0)
 PRESETS = {
-    "quick": {"clip_steps": 30, "clip_batch": 32, "llm_steps": 80, "llm_batch": 8},
-    "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 350, "llm_batch": 16},
+    "quick": {"clip_steps": 30, "clip_batch": 32, "llm_steps": 80, "llm_batch": 32},
+    "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},  # llm_batch: questions
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
-# would say, what a caption would say, or nothing
-CONTEXT_MIX = {"answer": 0.3, "evidence": 0.3, "scene": 0.3, "none": 0.1}
+# would say (the answer) or what a caption would say (the scene). Mostly scenes, one question per sequence,
+# loss on the answers: the recipe that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md)
+CONTEXT_MIX = {"scene": 0.7, "answer": 0.3}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
@@ -224,6 +225,7 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     from fusion_vlm.demo.text_llm import train_text_llm
 
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
-                         context_mix=CONTEXT_MIX, fresh_scenes=world, progress=progress)
+                         context_mix=CONTEXT_MIX, fresh_scenes=world, per_question=True, loss_on="answers",
+                         progress=progress)
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}

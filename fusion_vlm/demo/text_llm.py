@@ -119,17 +119,35 @@ def _draw_kinds(rng: random.Random, n: int, mix: dict[str, float]) -> list[str]:
     return rng.choices(names, weights=[mix[k] for k in names], k=n)
 
 
+def _question_stream(examples: list[Example], fresh_scenes: WorldConfig | None, seed: int):
+    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... in order, or
+    without ``fresh_scenes`` those of ``examples`` in seeded epochs."""
+    if fresh_scenes is not None:
+        i = 0
+        while True:
+            ex = make_text_example(i, fresh_scenes)
+            yield from ((ex, qa) for qa in ex.qas)
+            i += 1
+    pairs = [(ex, qa) for ex in examples for qa in ex.qas]
+    for idx in _batches(len(pairs), len(pairs), 10**9, seed):
+        yield from (pairs[i] for i in idx.tolist())
+
+
 def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 200, batch_size: int = 16,
                    lr: float = 2e-3, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128,
                    num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
                    loss_on: str = "all", context_mix: dict[str, float] | None = None,
-                   fresh_scenes: WorldConfig | None = None, progress: bool = True) -> dict:
+                   fresh_scenes: WorldConfig | None = None, per_question: bool = False,
+                   progress: bool = True) -> dict:
     """Train the tokenizer then a tiny Llama on text only; ``save_pretrained`` both into ``out_dir``.
 
-    One training sequence per scene: all its (context, question, answer) turns as a Llama-2 chat.
+    One training sequence per scene: all its (context, question, answer) turns as a Llama-2 chat
+    (one per question with ``per_question``).
     ``context_mix`` ({kind: weight} over :data:`CONTEXTS`; None = no contexts) picks each turn's context;
     ``fresh_scenes`` (a WorldConfig) draws new text-only scenes for every batch instead of cycling
-    ``examples`` (which then only train the tokenizer). ``loss_on``: "all" tokens (default) or the
+    ``examples`` (which then only train the tokenizer). ``per_question``: each sequence is one
+    (context, question, answer) turn and ``batch_size`` counts questions (taken in order from the scenes'
+    question lists) instead of whole-scene chats. ``loss_on``: "all" tokens (default) or the
     "answers" and their closing ``</s>`` only. "all" is the default because a generation prompt ends at
     ``[/INST]`` while build_prompt's training prompts end at ``[/INST] `` (the space before the answer is
     an unlabelled prompt token): with answer-only loss the token after ``[/INST]`` is never trained and
@@ -156,15 +174,21 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    if fresh_scenes is not None:
-        batches = (list(range(s * batch_size, (s + 1) * batch_size)) for s in range(steps))
+    if per_question:
+        stream = _question_stream(examples, fresh_scenes, seed)
+        batches = ([next(stream) for _ in range(batch_size)] for _ in range(steps))
+    elif fresh_scenes is not None:
+        batches = ([make_text_example(i, fresh_scenes) for i in range(s * batch_size, (s + 1) * batch_size)]
+                   for s in range(steps))
     else:
-        batches = (idx.tolist() for idx in _batches(len(examples), batch_size, steps, seed))
+        batches = ([examples[i] for i in idx.tolist()] for idx in _batches(len(examples), batch_size, steps, seed))
 
-    def loss_of(idx):
-        scenes = [make_text_example(i, fresh_scenes) for i in idx] if fresh_scenes is not None else \
-            [examples[i] for i in idx]
-        prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in scenes]
+    def loss_of(batch):
+        if per_question:  # batch: [(scene, qa)]
+            prompts = [build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, qa.answer)], [0])
+                       for (ex, qa), kind in zip(batch, _draw_kinds(rng, len(batch), mix))]
+        else:  # batch: [scene]
+            prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in batch]
         ids, mask, labels = _llm_batch(prompts, tok.pad_token_id, loss_on)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
@@ -175,7 +199,7 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     tok.save_pretrained(out_dir)
     seconds = time.time() - start
     (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "loss_on": loss_on,
-                                                   "context_mix": mix}))
+                                                   "context_mix": mix, "per_question": per_question}))
     return {"losses": losses, "seconds": seconds, "skipped": False}
 
 

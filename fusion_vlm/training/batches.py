@@ -4,11 +4,14 @@
 record and turns image / text failures into :class:`Skipped` markers instead
 of exceptions; :class:`Collator` drops those from the batch and passes them on
 (so skip counts survive DataLoader worker processes); :class:`ResumableBatchSampler`
-yields the per-rank micro-batches of an epoch from any position.
+yields the per-rank micro-batches of an epoch from any position, each optionally
+with its own number of query slots N (``n_queries_choices``: one fusion trained
+for every N of a sweep).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +48,12 @@ class MicroBatch:
 
 
 class SampleDataset(Dataset):
-    """Validated records (a ``datasets.Dataset``) -> :class:`Sample` or :class:`Skipped`."""
+    """Validated records (a ``datasets.Dataset``) -> :class:`Sample` or :class:`Skipped`.
+
+    An index is a record number, or ``(record number, N)`` to build that sample
+    with N query slots (N' = min(N, the dataset's or the model's N')), as
+    :class:`ResumableBatchSampler` yields with ``n_choices``.
+    """
 
     def __init__(self, records, processor, stage: str, n_queries: int | None = None,
                  n_queries_later: int | None = None, use_question: bool | None = None):
@@ -58,7 +66,12 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        n_queries, n_later = self.n_queries, self.n_queries_later
+        if isinstance(index, (tuple, list)):
+            index, n_queries = index
+            later = self.processor.cfg.fusion.later if n_later is None else n_later
+            n_later = min(n_queries, later)
         rec = self.records[int(index)]
         key, sid = rec["key"], rec["id"]
         try:
@@ -68,8 +81,8 @@ class SampleDataset(Dataset):
         except (ValueError, OSError) as err:  # ImageError is a ValueError
             return Skipped(key, sid, "unreadable_image", str(err))
         try:
-            return self.processor.build(image, list(zip(rec["questions"], rec["answers"])), self.n_queries,
-                                        self.n_queries_later, self.use_question,
+            return self.processor.build(image, list(zip(rec["questions"], rec["answers"])), n_queries,
+                                        n_later, self.use_question,
                                         with_answers_for_contrastive=self.contrastive, sample_id=sid)
         except ValueError as err:
             msg = str(err)
@@ -95,14 +108,25 @@ class ResumableBatchSampler(Sampler):
     The epoch order is a permutation seeded by ``seed + epoch`` (identity when
     not shuffling), wrapped round so every rank gets the same number of
     micro-batches; rank r takes every world-th index from r.
+
+    With ``n_choices`` each micro-batch is a list of ``(index, N)`` pairs: one N
+    per micro-batch, drawn uniformly from ``n_choices`` by a generator seeded
+    with (seed, epoch, micro-batch number), so every rank draws the same N and
+    a resumed run draws the ones it would have drawn.
     """
 
     def __init__(self, n: int, micro_batch: int, seed: int, epoch: int = 0, start: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, n_choices: list[int] | tuple[int, ...] = ()):
         if n < 1:
             raise ValueError("no usable training records (every record was skipped or the files are empty)")
         self.n, self.micro_batch, self.seed, self.epoch, self.start = n, micro_batch, seed, epoch, start
-        self.shuffle, self.rank, self.world = shuffle, rank, world
+        self.shuffle, self.rank, self.world, self.n_choices = shuffle, rank, world, tuple(n_choices)
+
+    def n_for_batch(self, b: int) -> int | None:
+        """N of micro-batch ``b`` of this epoch (None without ``n_choices``)."""
+        if not self.n_choices:
+            return None
+        return random.Random(f"{self.seed}:{self.epoch}:{b}").choice(self.n_choices)
 
     @staticmethod
     def batches_per_epoch(n: int, micro_batch: int, world: int = 1) -> int:
@@ -126,4 +150,6 @@ class ResumableBatchSampler(Sampler):
     def __iter__(self):
         mine = self.indices()
         for b in range(self.start, len(mine) // self.micro_batch):
-            yield mine[b * self.micro_batch:(b + 1) * self.micro_batch]
+            batch = mine[b * self.micro_batch:(b + 1) * self.micro_batch]
+            n = self.n_for_batch(b)
+            yield batch if n is None else [(i, n) for i in batch]

@@ -93,6 +93,9 @@ class TrainConfig:
     init_from: str | None = None  # FusionVLM.from_pretrained directory to start from (stage 3: the stage-2 output)
     n_queries: int | None = None  # N for this run (stage-3 sweep); null = the model config's
     n_queries_later: int | None = None  # N' for this run; null = the model config's (min(N, 8) by default)
+    # draw N per micro-batch from these values (one fusion for every N of a sweep; N' = min(N, fusion.later));
+    # the draw is seeded by (seed, epoch, micro-batch), the same on every rank; empty = n_queries for every batch
+    n_queries_choices: list[int] = field(default_factory=list)
     use_question: bool | None = None  # fuse the question tokens; null = the model config's
     grad_checkpointing: bool | None = None  # set vision/fusion/llm grad_checkpointing together; null = the model config's
     output_dir: str = "runs/train"  # checkpoints, metrics.jsonl, final model
@@ -119,6 +122,11 @@ class TrainConfig:
         _require(self.n_queries is None or self.n_queries >= 1, "n_queries", self.n_queries, "must be >= 1")
         _require(self.n_queries_later is None or self.n_queries_later >= 1, "n_queries_later",
                  self.n_queries_later, "must be >= 1")
+        for n in self.n_queries_choices:
+            _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "n_queries_choices", n,
+                     "every value must be an integer >= 1")
+        _require(not (self.n_queries_choices and self.n_queries_later is not None), "n_queries_later",
+                 self.n_queries_later, "must be null when n_queries_choices is set (N' = min(N, fusion.later))")
         _require(self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", self.max_nonfinite_in_a_row,
                  "must be >= 1")
         d, o, e, c, lg = self.data, self.optim, self.engine, self.checkpoint, self.logging

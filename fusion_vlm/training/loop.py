@@ -114,6 +114,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     seed_everything(cfg.seed)
     model = build_model(cfg, "cuda" if device == "cuda" else "cpu")
     params = model.set_stage(cfg.stage)
+    too_many = [n for n in cfg.n_queries_choices if n > model.config.fusion.max_queries]
+    if too_many:
+        raise ValueError(f"n_queries_choices={cfg.n_queries_choices}: {too_many} exceed fusion.max_queries="
+                         f"{model.config.fusion.max_queries} (raise it with model_overrides)")
 
     counter = SkipCounter(cfg.data.max_skip_fraction, cfg.data.min_seen_for_abort,
                           cfg.data.log_first_skips if rank == 0 else 0)
@@ -157,7 +161,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         while state["step"] < total_steps and result.stopped is None:
             sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, cfg.seed, state["epoch"],
-                                            state["batch_in_epoch"], cfg.data.shuffle, rank, world)
+                                            state["batch_in_epoch"], cfg.data.shuffle, rank, world,
+                                            cfg.n_queries_choices)
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model.tokenizer.pad_token_id),
                                 num_workers=cfg.data.num_workers)
             for mb in loader:
@@ -174,6 +179,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 else:
                     named = engine(mb.batch, cfg.stage)
                     loss = named["loss"]
+                    if cfg.n_queries_choices:  # logged as the step's mean N
+                        named = {**named, "n_queries": torch.tensor(float(mb.batch.n_queries))}
                 if not torch.isfinite(loss.detach()).all():  # DeepSpeed skips the step on the NaN/Inf gradient
                     print(f"[train] non-finite loss {float(loss.detach()):.3g} at step {state['step'] + 1}",
                           file=sys.stderr)
