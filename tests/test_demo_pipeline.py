@@ -65,8 +65,8 @@ def test_rerun_skips_finished_stages(demo_out):
     assert before and before == {p: p.stat().st_mtime_ns for p in demo_out.rglob("model.safetensors")}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: only the question-fused model of the full size, and not at "
-                                       "every N, beats the yes/no majority yet; see docs/demo.md")
+@pytest.mark.xfail(strict=True, reason="issue 4: the full size beats the yes/no majority in every mode only at "
+                                       "N = 32-64; the --quick size does not learn yes/no yet; see docs/demo.md")
 def test_every_model_beats_majority_on_yes_no(demo_out):
     cfg = demo_world(seed=0)
     baseline = majority_baseline(make_examples("train", QUICK.train_images, cfg),

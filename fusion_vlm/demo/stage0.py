@@ -5,7 +5,7 @@
   description or an answered question, HD local views with the names of the objects in them;
   saved as a safetensors state dict that ``open_clip.load_checkpoint`` (hence ``vision.pretrained``) loads.
 * :func:`fusion_vlm.demo.text_llm.train_text_llm` -- the world tokenizer and a tiny ``LlamaForCausalLM``
-  trained on TEXT ONLY (chats whose questions may be opened by a text context; see that module).
+  trained on TEXT ONLY (questions, each opened by a text context or none; see that module).
 
 Every trainer is deterministic for its seed, shows a tqdm bar, and skips its work when its output already
 exists (outputs are completed atomically, so an interrupted run is redone, a finished one is not).
@@ -36,9 +36,10 @@ PRESETS = {
     "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},  # llm_batch: questions
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
-# would say (the answer) or what a caption would say (the scene). Mostly scenes, one question per sequence,
-# loss on the answers: the recipe that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md)
-CONTEXT_MIX = {"scene": 0.7, "answer": 0.3}
+# would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
+# prior for uninformative tokens). Mostly scenes, one question per sequence, loss on the answers: the recipe
+# that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md, session 9)
+CONTEXT_MIX = {"scene": 0.6, "answer": 0.3, "none": 0.1}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
@@ -211,8 +212,8 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     """Both stand-ins with the step counts of ``PRESETS[size]``: ``out_dir/clip.safetensors``, ``out_dir/llm/``.
 
     The CLIP sees the global views and the HD-``world.max_local_views`` local views of ``examples``; the
-    LLM reads fresh text-only scenes of ``world`` (default: the default world of ``seed``), each
-    question opened by a context drawn from :data:`CONTEXT_MIX`.
+    LLM reads the questions of fresh text-only scenes of ``world`` (default: the default world of ``seed``),
+    one per sequence, each opened by a context drawn from :data:`CONTEXT_MIX`, with the loss on the answers.
 
     Returns {"clip_path", "llm_dir", "clip": train_clip's dict, "llm": train_text_llm's dict, "seconds"}.
     """

@@ -14,7 +14,9 @@ chats whose user turns open with a *text context* standing where the fused token
 * ``none``: no context (the question alone).
 
 Each turn draws its kind from ``context_mix``. Still no images: the LLM learns to read text; image
-content must reach it through the fused tokens later, and it stays frozen from here on.
+content must reach it through the fused tokens later, and it stays frozen from here on. The demo's
+stage 0 trains one question per sequence with the loss on the answers, mostly after a ``scene``: the
+set-up that learnt to answer yes/no from a scene within stage 0's time (docs/demo.md, session 9).
 With ``fresh_scenes`` every batch holds new text-only scenes (:func:`~fusion_vlm.demo.world.make_text_example`),
 so that the LLM learns to read its context instead of memorising the train images' answers.
 """
@@ -148,10 +150,9 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     ``examples`` (which then only train the tokenizer). ``per_question``: each sequence is one
     (context, question, answer) turn and ``batch_size`` counts questions (taken in order from the scenes'
     question lists) instead of whole-scene chats. ``loss_on``: "all" tokens (default) or the
-    "answers" and their closing ``</s>`` only. "all" is the default because a generation prompt ends at
-    ``[/INST]`` while build_prompt's training prompts end at ``[/INST] `` (the space before the answer is
-    an unlabelled prompt token): with answer-only loss the token after ``[/INST]`` is never trained and
-    greedy decoding goes off-format. Returns {"losses", "seconds", "skipped"}.
+    "answers" and their closing ``</s>`` only (every training prefix up to the first labelled token equals
+    the generation prompt, so greedy answers stay in format; checked in docs/demo.md, session 9).
+    Returns {"losses", "seconds", "skipped"}.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
