@@ -171,4 +171,3 @@ def test_sample_dataset_builds_the_drawn_n(tmp_path, tiny_model):
         s = ds[(0, n)]
         assert (s.n_queries, s.n_queries_later) == (n, min(n, later))
         assert int(s.fused_mask.sum()) == n + min(n, later)  # N slots for the first question, N' for the second
-

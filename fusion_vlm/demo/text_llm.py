@@ -102,6 +102,13 @@ def chat(tokenizer, example: Example, kinds: list[str]):
     return build_prompt(tokenizer, turns, [0] * len(turns))
 
 
+def question_prompt(tokenizer, example: Example, qa: QA, kind: str, with_answer: bool = True):
+    """One question opened by its ``kind`` context as a one-turn Llama-2 chat (a Prompt): with its answer
+    (for training) or ending in the generation prompt."""
+    return build_prompt(tokenizer, [(context_text(example, qa, kind) + qa.question,
+                                     qa.answer if with_answer else None)], [0])
+
+
 def _llm_batch(prompts, pad_id: int, loss_on: str):
     """Right-padded (input_ids, attention_mask, labels), each long [B, L]."""
     length = max(len(p.input_ids) for p in prompts)
@@ -186,8 +193,8 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
 
     def loss_of(batch):
         if per_question:  # batch: [(scene, qa)]
-            prompts = [build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, qa.answer)], [0])
-                       for (ex, qa), kind in zip(batch, _draw_kinds(rng, len(batch), mix))]
+            prompts = [question_prompt(tok, ex, qa, kind) for (ex, qa), kind in
+                       zip(batch, _draw_kinds(rng, len(batch), mix))]
         else:  # batch: [scene]
             prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in batch]
         ids, mask, labels = _llm_batch(prompts, tok.pad_token_id, loss_on)
@@ -219,7 +226,7 @@ def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXT
         right = defaultdict(list)
         for ex in examples:
             for qa in ex.qas:
-                prompt = build_prompt(tok, [(context_text(ex, qa, kind) + qa.question, None)], [0])
+                prompt = question_prompt(tok, ex, qa, kind, with_answer=False)
                 ids = torch.tensor([prompt.input_ids])
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
