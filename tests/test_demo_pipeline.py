@@ -51,7 +51,7 @@ def test_report_files_and_scores(demo_out):
     assert {"stage1 contrastive", "stage2 generation", "stage3 N-sweep fine-tunes", "evaluation"} <= set(timings)
     assert "## What the numbers say" in report and "(a) Weak scaling" in report
     probe = json.loads((demo_out / "stage0/llm/context_probe.json").read_text())
-    assert set(probe) == {"answer", "evidence", "scene", "none"} and "| context | attribute |" in report
+    assert set(probe) == {"answer", "evidence", "scene", "soft", "none"} and "| context | attribute |" in report
     assert f"| evidence | {probe['evidence']['attribute']:.1f} |" in report
     assert "| family | mode | " + " | ".join(f"N={n}" for n in QUICK.n_values) + " |" in report
 
@@ -65,8 +65,9 @@ def test_rerun_skips_finished_stages(demo_out):
     assert before and before == {p: p.stat().st_mtime_ns for p in demo_out.rglob("model.safetensors")}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the full size beats the yes/no majority in every mode only at "
-                                       "N = 32-64; the --quick size does not learn yes/no yet; see docs/demo.md")
+@pytest.mark.xfail(strict=True, reason="issue 4: yes/no stays within noise of the majority at most N of the full "
+                                       "size and at every N of --quick: stage 1's tokens carry it (67 % at N = 1), "
+                                       "stages 2-3 do not pass it to the LLM; see docs/demo.md")
 def test_every_model_beats_majority_on_yes_no(demo_out):
     cfg = demo_world(seed=0)
     baseline = majority_baseline(make_examples("train", QUICK.train_images, cfg),

@@ -80,8 +80,57 @@ def test_question_stream_walks_fresh_scenes_in_order_and_examples_in_epochs(exam
     assert epochs[:len(pairs)] != pairs  # shuffled
 
 
+def test_soft_texts_deal_the_scene_phrases_round_robin():
+    from fusion_vlm.demo.world import Example, WorldObject
+
+    objs = [WorldObject(region, "shape", (0, 0, 1, 1), shape="circle", colour=colour)
+            for region, colour in [("bottom", "red"), ("top left", "blue"), ("centre", "green"), ("top", "pink")]]
+    ex = Example("x", None, [], objs)
+    # reading order: top left, top, centre, bottom
+    p = ["blue circle top left", "pink circle top", "green circle centre", "red circle bottom"]
+    assert text_llm.soft_texts(ex, 1) == [", ".join(p)]
+    assert text_llm.soft_texts(ex, 2) == [f"{p[0]}, {p[2]}", f"{p[1]}, {p[3]}"]
+    assert text_llm.soft_texts(ex, 3) == [f"{p[0]}, {p[3]}", p[1], p[2]]
+    assert text_llm.soft_texts(ex, 6) == p + [", ".join(p)] * 2
+    assert text_llm.soft_texts(Example("y", None, [], []), 2) == ["nothing", "nothing"]
+
+
+def test_soft_prompt_positions_hold_mean_phrase_embeddings(examples, tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    ex, qa = examples[0], examples[0].qas[0]
+    soft = text_llm.question_prompt(tok, ex, qa, "soft", n_soft=3)
+    plain = text_llm.question_prompt(tok, ex, qa, "none")
+    assert sum(soft.fused_mask) == 3 and not any(plain.fused_mask)
+    assert [t for t, m in zip(soft.input_ids, soft.fused_mask) if not m] == plain.input_ids
+    texts = text_llm.soft_texts(ex, 3)
+    ids = torch.tensor([soft.input_ids, soft.input_ids])
+    x = text_llm.soft_embeds(model, tok, ids, [soft, soft], [texts, None])
+    table = model.get_input_embeddings().weight
+    pos = [i for i, m in enumerate(soft.fused_mask) if m]
+    for j, text in enumerate(texts):
+        want = table[tok(" " + text, add_special_tokens=False)["input_ids"]].mean(0)
+        torch.testing.assert_close(x[0, pos[j]], want)
+    keep = [i for i in range(len(soft.input_ids)) if i not in pos]
+    torch.testing.assert_close(x[0, keep], table[ids[0, keep]])
+    torch.testing.assert_close(x[1], table[ids[1]])  # no soft context: the plain embeddings
+    with pytest.raises(ValueError, match="3 fused positions but 2 soft texts"):
+        text_llm.soft_embeds(model, tok, ids[:1], [soft], [texts[:2]])
+    with pytest.raises(ValueError, match="n_soft=0 with context kind 'soft'"):
+        text_llm.question_prompt(tok, ex, qa, "soft")
+
+
+def test_soft_contexts_need_per_question(examples, tmp_path):
+    with pytest.raises(ValueError, match="'soft' contexts: they need per_question=True"):
+        text_llm.train_text_llm(examples, tmp_path / "x", steps=1, context_mix={"soft": 1.0}, progress=False)
+
+
 def test_per_question_answer_loss_learns_and_is_deterministic(examples, tmp_path):
-    kw = dict(steps=30, batch_size=16, lr=3e-3, seed=0, context_mix={"scene": 0.7, "answer": 0.3},
+    kw = dict(steps=30, batch_size=16, lr=3e-3, seed=0, context_mix={"scene": 0.4, "soft": 0.3, "answer": 0.3},
               fresh_scenes=WorldConfig(), per_question=True, loss_on="answers", progress=False, **SMALL_LLM)
     runs = [text_llm.train_text_llm(examples, tmp_path / f"q{i}", **kw) for i in range(2)]
     losses = runs[0]["losses"]

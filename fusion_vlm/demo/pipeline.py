@@ -92,10 +92,15 @@ class Timings:
 def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra):
     from fusion_vlm.training.config import TrainConfig
 
+    # Stage 1 fuses all questions of an image (N slots for the first, N' for each later one); stages 2-3 train
+    # one question per sample, as the evaluation asks them and as the stand-in LLM read them in stage 0: with
+    # whole conversations the projector did not learn what the stage-1 tokens carry (docs/demo.md, session 10)
+    data = {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True,
+            "split_questions": stage == "generation"}
+    data.update(extra.pop("data", {}))
     cfg = {
         "stage": stage, "output_dir": str(out), "seed": seed, "micro_batch_size": size.micro_batch,
-        "grad_accum": 1, "max_steps": steps,
-        "data": {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True},
+        "grad_accum": 1, "max_steps": steps, "data": data,
         "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03,
                   "lr_scale": LR_SCALE[stage]},
         "engine": {"device": "cpu"},
@@ -172,8 +177,7 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "full", seed: int = 0
                 finals[(variant, n)] = _train(
                     "generation", out / "stage3" / f"{variant}_n{n}", data_dir, s, s.stage3_steps, seed,
                     init_from=str(s2), n_queries=n, use_question=use_q,
-                    data={"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir),
-                          "fraction": s.stage3_fraction, "fraction_seed": seed})
+                    data={"fraction": s.stage3_fraction, "fraction_seed": seed})
     results = {}
     with timings.stage("evaluation"):
         for n in s.n_values:

@@ -126,10 +126,11 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, 
             md.append(f"| {m} | {mode} | {fit.a:.3e} | {fit.b:.4f} | {fit.r2:.3f} | "
                       f"{'yes' if fit.degenerate else 'no'} |")
     probe_fams = list(next(iter(context_probe.values()), {}))
-    md += ["", "## The frozen stage-0 LLM reading text contexts (no image)", "",
+    md += ["", "## The frozen stage-0 LLM reading contexts (no image)", "",
            "Accuracy (%) on test questions opened by a text context in place of the fused tokens: `answer` = "
            "the answer itself, `evidence` = the phrases of the objects the question is about, "
-           "`scene` = every object, `none` = no context. "
+           "`scene` = every object, `soft` = 4 fused positions holding mean embeddings of the scene's object "
+           "phrases (vectors, not text), `none` = no context. "
            "It shows what this LLM makes of fused tokens that carry the same content as such a text.", "",
            "| context | " + " | ".join(probe_fams) + " |", "|---|" + "---|" * len(probe_fams)]
     md += [f"| {k} | " + " | ".join(f"{v.get(f, 0.0):.1f}" for f in probe_fams) + " |"

@@ -38,7 +38,8 @@ PRESETS = {
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
 # prior for uninformative tokens). Mostly scenes, one question per sequence, loss on the answers: the recipe
-# that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md, session 9)
+# that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md, session 9). Adding "soft"
+# contexts (scene .3 / soft .3 / answer .3 / none .1) lost yes/no at every N of the full demo (session 10)
 CONTEXT_MIX = {"scene": 0.6, "answer": 0.3, "none": 0.1}
 
 

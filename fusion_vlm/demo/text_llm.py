@@ -11,6 +11,10 @@ chats whose user turns open with a *text context* standing where the fused token
 * ``evidence``: the phrases of the objects the question is about (:attr:`~fusion_vlm.demo.world.QA.evidence`),
   e.g. " purple triangle right, purple triangle top right" before "How many purple shapes are there?";
 * ``scene``: every object of the scene in reading order (what an image caption would say);
+* ``soft``: k fused positions (k from :data:`SOFT_COUNTS`) that hold no token but the mean input
+  embedding of a chunk of the scene's object phrases (:func:`soft_texts`): a vector-valued context,
+  the form the fused tokens will have. A pretrained LLM reads such soft prompts; the tiny stand-in
+  learns to only from training on them (measured: docs/demo.md, session 10);
 * ``none``: no context (the question alone).
 
 Each turn draws its kind from ``context_mix``. Still no images: the LLM learns to read text; image
@@ -32,12 +36,14 @@ from pathlib import Path
 import torch
 
 from fusion_vlm.demo.stage0 import _batches, _optimise
+from fusion_vlm.demo.render import REGIONS
 from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, score
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 LOSSES_FILE = "stage0_losses.json"  # written last into the LLM directory: marks it complete
-CONTEXTS = ("answer", "evidence", "scene", "none")
+CONTEXTS = ("answer", "evidence", "scene", "soft", "none")
+SOFT_COUNTS = (1, 2, 4, 8, 16)  # fused positions of a ``soft`` context, drawn uniformly per question
 
 
 def context_text(example: Example, qa: QA, kind: str) -> str:
@@ -48,7 +54,7 @@ def context_text(example: Example, qa: QA, kind: str) -> str:
     the closing newline leaves the question's first token as it is after fused tokens. A context with
     no phrase says " nothing".
     """
-    if kind == "none":
+    if kind in ("none", "soft"):  # a soft context is vectors at fused positions, not text
         return ""
     if kind == "answer":
         text = qa.answer
@@ -102,11 +108,43 @@ def chat(tokenizer, example: Example, kinds: list[str]):
     return build_prompt(tokenizer, turns, [0] * len(turns))
 
 
-def question_prompt(tokenizer, example: Example, qa: QA, kind: str, with_answer: bool = True):
+def question_prompt(tokenizer, example: Example, qa: QA, kind: str, with_answer: bool = True, n_soft: int = 0):
     """One question opened by its ``kind`` context as a one-turn Llama-2 chat (a Prompt): with its answer
-    (for training) or ending in the generation prompt."""
+    (for training) or ending in the generation prompt. A ``soft`` context opens the turn with ``n_soft``
+    fused positions (fill them with :func:`soft_embeds`)."""
+    if (kind == "soft") != (n_soft > 0):
+        raise ValueError(f"n_soft={n_soft} with context kind {kind!r}: a soft context needs n_soft > 0, others 0")
     return build_prompt(tokenizer, [(context_text(example, qa, kind) + qa.question,
-                                     qa.answer if with_answer else None)], [0])
+                                     qa.answer if with_answer else None)], [n_soft])
+
+
+def soft_texts(example: Example, k: int) -> list[str]:
+    """The k texts of a ``soft`` context, one per fused position: the scene's object phrases in reading
+    order dealt round-robin into min(k, n_objects) chunks (each ", "-joined), then the whole scene for
+    the positions left over; a scene without objects gives "nothing" at every position."""
+    phrases = [o.phrase() for o in sorted(example.objects, key=lambda o: REGIONS.index(o.region))]
+    if not phrases:
+        return ["nothing"] * k
+    chunks = [", ".join(phrases[i::min(k, len(phrases))]) for i in range(min(k, len(phrases)))]
+    return chunks + [", ".join(phrases)] * (k - len(chunks))
+
+
+def soft_embeds(model, tokenizer, input_ids: torch.Tensor, prompts, soft: list[list[str] | None]) -> torch.Tensor:
+    """``model``'s input embeddings of ``input_ids`` (long [B, L]), float [B, L, D], with prompt b's fused
+    positions (``prompts[b].fused_mask``) holding the mean input embedding of the tokens of " " + text
+    for each text of ``soft[b]`` (None or [] for a prompt without a soft context)."""
+    embedding = model.get_input_embeddings()
+    x = embedding(input_ids).clone()
+    for b, (prompt, texts) in enumerate(zip(prompts, soft)):
+        if not texts:
+            continue
+        pos = [i for i, fused in enumerate(prompt.fused_mask) if fused]
+        if len(pos) != len(texts):
+            raise ValueError(f"prompt {b} has {len(pos)} fused positions but {len(texts)} soft texts")
+        vecs = [embedding(torch.tensor(tokenizer(" " + t, add_special_tokens=False)["input_ids"])).mean(0)
+                for t in texts]
+        x[b, pos] = torch.stack(vecs).to(x.dtype)
+    return x
 
 
 def _llm_batch(prompts, pad_id: int, loss_on: str):
@@ -152,7 +190,8 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
 
     One training sequence per scene: all its (context, question, answer) turns as a Llama-2 chat
     (one per question with ``per_question``).
-    ``context_mix`` ({kind: weight} over :data:`CONTEXTS`; None = no contexts) picks each turn's context;
+    ``context_mix`` ({kind: weight} over :data:`CONTEXTS`; None = no contexts) picks each turn's context
+    (``soft`` needs ``per_question``);
     ``fresh_scenes`` (a WorldConfig) draws new text-only scenes for every batch instead of cycling
     ``examples`` (which then only train the tokenizer). ``per_question``: each sequence is one
     (context, question, answer) turn and ``batch_size`` counts questions (taken in order from the scenes'
@@ -168,6 +207,8 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     mix = dict(context_mix or {"none": 1.0})
     if set(mix) - set(CONTEXTS) or not sum(mix.values()) > 0:
         raise ValueError(f"context_mix={context_mix!r}: expected weights > 0 over {CONTEXTS}")
+    if "soft" in mix and not per_question:
+        raise ValueError("context_mix has 'soft' contexts: they need per_question=True")
     out_dir = Path(out_dir)
     if (out_dir / LOSSES_FILE).is_file():
         stored = json.loads((out_dir / LOSSES_FILE).read_text())
@@ -192,13 +233,17 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
         batches = ([examples[i] for i in idx.tolist()] for idx in _batches(len(examples), batch_size, steps, seed))
 
     def loss_of(batch):
+        soft = [None] * len(batch)
         if per_question:  # batch: [(scene, qa)]
-            prompts = [question_prompt(tok, ex, qa, kind) for (ex, qa), kind in
-                       zip(batch, _draw_kinds(rng, len(batch), mix))]
+            kinds = _draw_kinds(rng, len(batch), mix)
+            counts = [rng.choice(SOFT_COUNTS) if kind == "soft" else 0 for kind in kinds]
+            prompts = [question_prompt(tok, ex, qa, kind, n_soft=k) for (ex, qa), kind, k in zip(batch, kinds, counts)]
+            soft = [soft_texts(ex, k) if k else None for (ex, _), k in zip(batch, counts)]
         else:  # batch: [scene]
             prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in batch]
         ids, mask, labels = _llm_batch(prompts, tok.pad_token_id, loss_on)
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        embeds = soft_embeds(model, tok, ids, prompts, soft)
+        return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     losses = _optimise(model, opt, batches, steps, lr, loss_of, "stage 0: text LLM", progress)
     model.eval()
@@ -212,11 +257,11 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
 
 
 @torch.no_grad()
-def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXTS,
+def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXTS, n_soft: int = 4,
                      max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
     """Greedy accuracy (%) per context kind and family, {kind: {family: %}}, of the text LLM in ``llm_dir``
-    when each question (asked alone) is opened by its context of that kind: how well the frozen stand-in
-    reads what stands before a question."""
+    when each question (asked alone) is opened by its context of that kind (``soft``: at ``n_soft``
+    positions): how well the frozen stand-in reads what stands before a question."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
@@ -226,10 +271,13 @@ def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXT
         right = defaultdict(list)
         for ex in examples:
             for qa in ex.qas:
-                prompt = question_prompt(tok, ex, qa, kind, with_answer=False)
+                k = n_soft if kind == "soft" else 0
+                prompt = question_prompt(tok, ex, qa, kind, with_answer=False, n_soft=k)
                 ids = torch.tensor([prompt.input_ids])
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                embeds = soft_embeds(model, tok, ids, [prompt], [soft_texts(ex, k) if k else None])
+                gen = model.generate(ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
                 pred = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
                 right[qa.family].append(score(pred, qa.answer, qa.family))
         out[kind] = {f: 100.0 * sum(v) / len(v)
