@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 
 from fusion_vlm.demo.stage0 import _batches, _optimise
-from fusion_vlm.demo.render import REGIONS
-from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, score
+from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, phrases, score
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -122,11 +121,11 @@ def soft_texts(example: Example, k: int) -> list[str]:
     """The k texts of a ``soft`` context, one per fused position: the scene's object phrases in reading
     order dealt round-robin into min(k, n_objects) chunks (each ", "-joined), then the whole scene for
     the positions left over; a scene without objects gives "nothing" at every position."""
-    phrases = [o.phrase() for o in sorted(example.objects, key=lambda o: REGIONS.index(o.region))]
-    if not phrases:
+    items = phrases(example.objects)
+    if not items:
         return ["nothing"] * k
-    chunks = [", ".join(phrases[i::min(k, len(phrases))]) for i in range(min(k, len(phrases)))]
-    return chunks + [", ".join(phrases)] * (k - len(chunks))
+    chunks = [", ".join(items[i::min(k, len(items))]) for i in range(min(k, len(items)))]
+    return chunks + [", ".join(items)] * (k - len(chunks))
 
 
 def soft_embeds(model, tokenizer, input_ids: torch.Tensor, prompts, soft: list[list[str] | None]) -> torch.Tensor:

@@ -125,9 +125,14 @@ class Example:
         return describe(self.objects)
 
 
+def phrases(objects: list[WorldObject]) -> list[str]:
+    """The objects' phrases in reading (region) order."""
+    return [o.phrase() for o in sorted(objects, key=lambda o: REGIONS.index(o.region))]
+
+
 def describe(objects: list[WorldObject]) -> str:
     """Canonical description: object phrases in reading (region) order, comma-separated."""
-    return ", ".join(o.phrase() for o in sorted(objects, key=lambda o: REGIONS.index(o.region)))
+    return ", ".join(phrases(objects))
 
 
 def _pairs(cfg: WorldConfig, split: str) -> list[tuple[str, str]]:
