@@ -184,13 +184,16 @@ class FusionModule(nn.Module):
         return torch.cat([p.to(dtype) for p in parts], dim=0), layout
 
     def forward(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int | None = None,
-                n_later: int | None = None, use_question: bool | None = None) -> FusionOutput:
+                n_later: int | None = None, use_question: bool | None = None,
+                independent: bool = False) -> FusionOutput:
         """Fuse a batch.
 
         ``vision[b]`` is float [T_b, H] (merged vision tokens of sample b),
         ``questions[b][g]`` the CLIP ids of question g of sample b. Returns the
         fused tokens of every group (``n_queries`` slots for the first group,
         ``n_later`` for the others; defaults: the config's N and min(N, N'_config)).
+        ``independent``: every group is fused alone, as ``[vision][q_g][N slots]``
+        (``n_later`` is ignored), from one pass over each sample's vision tokens.
         """
         n_queries = self.cfg.n_queries if n_queries is None else n_queries
         n_later = min(n_queries, self.cfg.later) if n_later is None else n_later
@@ -199,6 +202,8 @@ class FusionModule(nn.Module):
         use_question = self.cfg.use_question if use_question is None else use_question
         if len(vision) != len(questions):
             raise ValueError(f"got {len(vision)} vision sequences but {len(questions)} question lists")
+        if independent:
+            return self._forward_independent(vision, questions, n_queries, use_question)
         embedded = iter(self.embed_questions([q for qs in questions for q in qs]) if use_question else [])
         seqs, layouts = zip(*(self.build_sequence(v, q, n_queries, n_later, use_question,
                                                   [next(embedded) for _ in q] if use_question else None)
@@ -217,6 +222,23 @@ class FusionModule(nn.Module):
         groups = [[hidden[b, s0:s1] for s0, s1 in layout.slot_spans] for b, layout in enumerate(layouts)]
         return FusionOutput(groups)
 
+    def _forward_independent(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int,
+                             use_question: bool) -> FusionOutput:
+        """Every group alone with N slots: per sample a vision prefix, then its questions as one batch.
+
+        Gradient checkpointing drops the key/value cache, so with it each group gets its own full
+        ``[vision][q][N slots]`` sequence instead (the same outputs, the vision part recomputed).
+        """
+        if self.decoder.gradient_checkpointing and self.training:
+            flat = self.forward([v for v, qs in zip(vision, questions) for _ in qs],
+                                [[q] for qs in questions for q in qs], n_queries, n_queries, use_question)
+            groups = iter(g for sample in flat.groups for g in sample)
+            return FusionOutput([[next(groups) for _ in qs] for qs in questions])
+        embedded = iter(self.embed_questions([q for qs in questions for q in qs]) if use_question else [])
+        return FusionOutput([self.fuse_with_prefix(self.encode_prefix(v), qs, n_queries, use_question,
+                                                   [next(embedded) for _ in qs] if use_question else None)
+                             for v, qs in zip(vision, questions)])
+
     def encode_prefix(self, vision: torch.Tensor) -> VisionPrefix:
         """Run the vision tokens float [T, H] alone and keep their keys/values."""
         cache = DynamicCache(config=self.decoder.config)
@@ -224,17 +246,25 @@ class FusionModule(nn.Module):
         return VisionPrefix([(layer.keys, layer.values) for layer in cache.layers], vision.shape[0])
 
     def fuse_with_prefix(self, prefix: VisionPrefix, questions: list[list[int]], n_queries: int,
-                         use_question: bool = True) -> list[torch.Tensor]:
+                         use_question: bool = True, question_embeds: list[torch.Tensor] | None = None
+                         ) -> list[torch.Tensor]:
         """Fuse K independent questions about one image, each as a first group: list of K float [N, H].
 
         Equivalent to ``forward`` on ``[vision][q_k][N slots]`` for each k, but
         the vision part is read from ``prefix`` instead of being recomputed.
+        ``question_embeds`` (optional): the K questions already embedded, float [len_k, H].
         """
-        embedded = self.embed_questions(questions) if use_question else [None] * len(questions)
+        if use_question:
+            embedded = self.embed_questions(questions) if question_embeds is None else question_embeds
+        else:
+            embedded = [None] * len(questions)
         seqs = [self.build_sequence(self.eos_slot.new_zeros(0, self.cfg.hidden_size), [q], n_queries, n_queries,
                                     use_question, [e] if use_question else None)[0]
                 for q, e in zip(questions, embedded)]
         k, length = len(seqs), max(s.shape[0] for s in seqs)
+        if prefix.length + length > self.cfg.max_positions:
+            raise ValueError(f"fusion sequence of {prefix.length + length} tokens exceeds fusion.max_positions="
+                             f"{self.cfg.max_positions}")
         embeds = seqs[0].new_zeros(k, length, self.cfg.hidden_size)
         mask = torch.ones(k, prefix.length + length, dtype=torch.long, device=embeds.device)
         for i, seq in enumerate(seqs):

@@ -126,18 +126,26 @@ class FusionVLM(nn.Module):
     def fuse(self, batch: Batch) -> FusionOutput:
         """Vision + questions + slots -> fused tokens of every group."""
         vision = self.encode_images(batch.pixel_values, batch.views_per_sample)
-        return self.fusion(vision, batch.questions, batch.n_queries, batch.n_queries_later, batch.use_question)
+        return self.fusion(vision, batch.questions, batch.n_queries, batch.n_queries_later, batch.use_question,
+                           independent=batch.independent)
 
     def llm_embeddings(self, batch: Batch, fused: FusionOutput) -> torch.Tensor:
-        """LLM input embeddings [B, L, D] with projected fused tokens at ``batch.fused_mask``."""
+        """LLM input embeddings [R, L, D] with projected fused tokens at ``batch.fused_mask``.
+
+        Row r holds sample r's groups (a conversation) or, when ``batch.independent``, group r of the
+        flattened (sample, group) order.
+        """
         embeds = self.llm.get_input_embeddings()(batch.input_ids.to(self.device)).clone()
-        per_sample = fused.per_sample()
+        per_row = [g for sample in fused.groups for g in sample] if batch.independent else fused.per_sample()
         counts = batch.fused_mask.sum(dim=1).tolist()
-        for b, (tokens, n) in enumerate(zip(per_sample, counts)):
+        if len(per_row) != len(counts):
+            raise ValueError(f"the fusion module produced tokens for {len(per_row)} LLM rows but the batch has "
+                             f"{len(counts)}")
+        for r, (tokens, n) in enumerate(zip(per_row, counts)):
             if tokens.shape[0] != n:
-                raise ValueError(f"sample {b}: the fusion module produced {tokens.shape[0]} tokens but the prompt "
+                raise ValueError(f"LLM row {r}: the fusion module produced {tokens.shape[0]} tokens but the prompt "
                                  f"has {n} fused-token positions")
-        projected = self.projector(torch.cat(per_sample)).to(embeds.dtype)
+        projected = self.projector(torch.cat(per_row)).to(embeds.dtype)
         embeds[batch.fused_mask.to(embeds.device)] = projected
         return embeds
 

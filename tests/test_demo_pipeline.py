@@ -1,7 +1,7 @@
 """The CPU demo end to end at its ``--quick`` size, through the real command (slow: several minutes).
 
 Checks the report's files and their contents against the results the run wrote, that a rerun skips every
-finished stage, and (strict xfail, issue 4) that every model beats the majority-answer baseline on yes/no.
+finished stage, and that every model beats the majority-answer baseline on yes/no.
 """
 
 from __future__ import annotations
@@ -65,9 +65,6 @@ def test_rerun_skips_finished_stages(demo_out):
     assert before and before == {p: p.stat().st_mtime_ns for p in demo_out.rglob("model.safetensors")}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: yes/no stays within noise of the majority at most N of the full "
-                                       "size and at every N of --quick: stage 1's tokens carry it (67 % at N = 1), "
-                                       "stages 2-3 do not pass it to the LLM; see docs/demo.md")
 def test_every_model_beats_majority_on_yes_no(demo_out):
     cfg = demo_world(seed=0)
     baseline = majority_baseline(make_examples("train", QUICK.train_images, cfg),

@@ -82,23 +82,6 @@ def test_load_llava_counts_and_wrong_root(tmp_path):
         load_llava([str(f)], str(tmp_path / "wrong"), SkipCounter(max_fraction=0.5))
 
 
-def test_load_llava_split_questions_after_the_subset(tmp_path):
-    _write_images(tmp_path, 4)
-    records = [{"id": f"g{i}", "image": f"{i}.png",
-                "conversations": conv(*[(f"q{i}{j}", f"a{i}{j}") for j in range(i + 1)])} for i in range(4)]
-    f = tmp_path / "d.json"
-    f.write_text(json.dumps(records))
-    whole = load_llava([str(f)], str(tmp_path), SkipCounter(), fraction=0.5, seed=3)
-    split = load_llava([str(f)], str(tmp_path), SkipCounter(), fraction=0.5, seed=3, split_questions=True)
-    capped = load_llava([str(f)], str(tmp_path), SkipCounter(), max_questions=2, split_questions=True)
-    assert len(whole) == 2
-    expected = [(r["key"], f"{r['id']}/q{j}", [q], [a]) for r in whole
-                for j, (q, a) in enumerate(zip(r["questions"], r["answers"]))]
-    assert [(r["key"], r["id"], r["questions"], r["answers"]) for r in split] == expected
-    assert [r["id"] for r in capped] == ["g0/q0", "g1/q0", "g1/q1", "g2/q0", "g2/q1", "g3/q0", "g3/q1"]
-    assert {r["image"] for r in split} == {r["image"] for r in whole}
-
-
 def test_skip_counter_runtime_ceiling_and_merge():
     c = SkipCounter(max_fraction=0.3, min_seen=4, log_first=0)
     c.attempt(False)

@@ -117,10 +117,12 @@ def test_lr_scale_typo_is_refused(tiny_data, tmp_path):
                       "optim.lr_scale={fuson: 0.5}"))
 
 
-@pytest.mark.parametrize("choices", [[], [1, 2, 8]], ids=["fixed_n", "drawn_n"])
-def test_resume_is_exact(tiny_data, tmp_path, choices):
+@pytest.mark.parametrize("choices, independent", [([], False), ([1, 2, 8], False), ([1, 2, 8], True)],
+                         ids=["fixed_n", "drawn_n", "drawn_n_independent_questions"])
+def test_resume_is_exact(tiny_data, tmp_path, choices, independent):
     common = ["stage=generation", "init_from=null", "max_steps=4", "checkpoint.every=2", "micro_batch_size=2",
-              "grad_accum=2", "optim.warmup_ratio=0.25", f"n_queries_choices={choices}"]
+              "grad_accum=2", "optim.warmup_ratio=0.25", f"n_queries_choices={choices}",
+              f"data.independent_questions={str(independent).lower()}"]
     full = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "full", *common))
     first = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "split", *common, "stop_at_step=2"))
     assert first.stopped == "stop_at_step" and first.steps == 2 and first.final_dir is None

@@ -27,8 +27,8 @@ class DemoSize:
     train_images: int  # images in the train split (each with the world's 8-10 questions)
     test_images: int  # images in the test split
     stage0: str  # stage-0 preset of fusion_vlm.demo.stage0 (quick | full)
-    stage1_steps: int  # contrastive steps
-    stage2_steps: int  # generation steps at N = max(n_values)
+    stage1_steps: int  # contrastive steps, N drawn from n_values per micro-batch
+    stage2_steps: int  # generation steps, N drawn from n_values per micro-batch
     stage3_steps: int  # fine-tune steps per N and variant
     stage3_fraction: float  # seeded subset of the train split used by stage 3 (the paper's 10%)
     micro_batch: int  # samples per step
@@ -57,8 +57,8 @@ def demo_world(seed: int = 0):
 
 
 SIZES = {
-    "quick": DemoSize(48, 16, "quick", 8, 40, 6, 0.5, 4, 2e-3, (1, 4, 16)),
-    "full": DemoSize(2000, 48, "full", 500, 250, 30, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
+    "quick": DemoSize(2000, 96, "quick", 400, 100, 20, 0.1, 8, 1e-3, (1, 4, 16)),
+    "full": DemoSize(2000, 144, "full", 500, 250, 30, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
 }
 # The tiny preset, widened a little so that a 2-core CPU can learn the world within the time budget; HD-4 views.
 # Stage 1 with the stage-0 CLIP text tower frozen (the answers' embeddings act as fixed class prototypes)
@@ -92,17 +92,21 @@ class Timings:
 def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra):
     from fusion_vlm.training.config import TrainConfig
 
-    # Stage 1 fuses all questions of an image (N slots for the first, N' for each later one); stages 2-3 train
-    # one question per sample, as the evaluation asks them and as the stand-in LLM read them in stage 0: with
-    # whole conversations the projector did not learn what the stage-1 tokens carry (docs/demo.md, session 10)
+    # Every stage asks each question of an image on its own (N slots after it; in stages 2-3 one LLM row per
+    # question), as the evaluation asks them and as the stand-in LLM read them in stage 0, all from one vision
+    # pass per image. With whole conversations, or one question per sample, stages 2-3 did not pass stage 1's
+    # answers to the LLM, and a stage 1 fused as conversations (N slots, then N') left N = 1 untrained
+    # (docs/demo.md, sessions 10-12)
     data = {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True,
-            "split_questions": stage == "generation"}
+            "independent_questions": True}
     data.update(extra.pop("data", {}))
     cfg = {
         "stage": stage, "output_dir": str(out), "seed": seed, "micro_batch_size": size.micro_batch,
         "grad_accum": 1, "max_steps": steps, "data": data,
         "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03,
                   "lr_scale": LR_SCALE[stage]},
+        # stages 1-2 draw N from the sweep per micro-batch (one fusion for every N); stage 3 fixes it
+        "n_queries_choices": [] if "n_queries" in extra else list(size.n_values),
         "engine": {"device": "cpu"},
         "checkpoint": {"every": 0, "keep_last": 1},
         "logging": {"wandb_mode": "disabled", "progress_bar": True},

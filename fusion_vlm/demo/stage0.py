@@ -32,7 +32,7 @@ from fusion_vlm.views import ViewPlan, ViewProcessor
 
 # step counts / batch sizes of the two demo sizes (see run_stage0)
 PRESETS = {
-    "quick": {"clip_steps": 30, "clip_batch": 32, "llm_steps": 80, "llm_batch": 32},
+    "quick": {"clip_steps": 150, "clip_batch": 64, "llm_steps": 300, "llm_batch": 64},
     "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},  # llm_batch: questions
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix

@@ -52,12 +52,14 @@ class SampleDataset(Dataset):
 
     An index is a record number, or ``(record number, N)`` to build that sample
     with N query slots (N' = min(N, the dataset's or the model's N')), as
-    :class:`ResumableBatchSampler` yields with ``n_choices``.
+    :class:`ResumableBatchSampler` yields with ``n_choices``. ``independent``: each question of a
+    record is its own LLM row with N slots (see :meth:`FusionProcessor.build`).
     """
 
     def __init__(self, records, processor, stage: str, n_queries: int | None = None,
-                 n_queries_later: int | None = None, use_question: bool | None = None):
+                 n_queries_later: int | None = None, use_question: bool | None = None, independent: bool = False):
         self.records = records
+        self.independent = independent
         self.processor = processor
         self.contrastive = stage == "contrastive"
         self.n_queries, self.n_queries_later, self.use_question = n_queries, n_queries_later, use_question
@@ -83,7 +85,8 @@ class SampleDataset(Dataset):
         try:
             return self.processor.build(image, list(zip(rec["questions"], rec["answers"])), n_queries,
                                         n_later, self.use_question,
-                                        with_answers_for_contrastive=self.contrastive, sample_id=sid)
+                                        with_answers_for_contrastive=self.contrastive, sample_id=sid,
+                                        independent=self.independent)
         except ValueError as err:
             msg = str(err)
             reason = "too_long" if ("exceeds" in msg or "max_length" in msg or "too long" in msg) else "invalid_text"

@@ -27,7 +27,8 @@ class DataConfig:
     fraction: float = 1.0  # keep this seeded random fraction of the records (0.1 = the paper's stage-3 subset)
     fraction_seed: int = 0  # seed of the subset draw (same seed -> same subset for every N in a sweep)
     max_questions: int | None = None  # keep at most this many question/answer pairs per sample; null = all
-    split_questions: bool = False  # train each question/answer pair as its own one-turn sample (as benchmarks ask)
+    independent_questions: bool = False  # ask each question on its own: one LLM row and N slots per question, as
+    # benchmarks ask (all questions of an image from one vision pass); false = one conversation, N then N' slots
     shuffle: bool = True  # reshuffle the records every epoch (seeded by train.seed + epoch)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     max_skip_fraction: float = 0.5  # abort when more than this fraction of the samples seen was skipped

@@ -207,14 +207,11 @@ def subset_indices(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def load_llava(files: list[str], image_root: str | None, counter: SkipCounter, fraction: float = 1.0,
-               seed: int = 0, max_questions: int | None = None, check_images: bool = True,
-               split_questions: bool = False) -> datasets.Dataset:
+               seed: int = 0, max_questions: int | None = None, check_images: bool = True) -> datasets.Dataset:
     """Load and validate LLaVA files into a ``datasets.Dataset`` of {key, id, image, questions, answers}.
 
     Bad records are counted in ``counter`` (with ``check_images``, missing image
     files too: that catches a wrong image root before training starts).
-    ``split_questions``: each kept record with k question/answer pairs becomes k one-question rows
-    (ids "<id>/q<j>", the record's ``key`` shared), after the ``fraction`` subset and ``max_questions``.
     """
     if not files:
         raise ValueError("data.files is empty: give at least one LLaVA-format JSON/JSONL file")
@@ -235,11 +232,8 @@ def load_llava(files: list[str], image_root: str | None, counter: SkipCounter, f
             counter.skip(skip.reason, skip.sample_id, skip.message, key=i)
             continue
         rec["key"] = i
-        parts = ([dict(rec, id=f"{rec['id']}/q{j}", questions=[q], answers=[a])
-                  for j, (q, a) in enumerate(zip(rec["questions"], rec["answers"]))] if split_questions else [rec])
-        for part in parts:
-            for key in rows:
-                rows[key].append(part[key])
+        for key in rows:
+            rows[key].append(rec[key])
     features = datasets.Features({"key": datasets.Value("int64"), "id": datasets.Value("string"),
                                   "image": datasets.Value("string"),
                                   "questions": datasets.Sequence(datasets.Value("string")),

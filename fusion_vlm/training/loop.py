@@ -122,8 +122,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     counter = SkipCounter(cfg.data.max_skip_fraction, cfg.data.min_seen_for_abort,
                           cfg.data.log_first_skips if rank == 0 else 0)
     records = load_llava(cfg.data.files, cfg.data.image_root, counter, cfg.data.fraction, cfg.data.fraction_seed,
-                         cfg.data.max_questions, split_questions=cfg.data.split_questions)
-    dataset = SampleDataset(records, model.processor, cfg.stage)
+                         cfg.data.max_questions)
+    dataset = SampleDataset(records, model.processor, cfg.stage, independent=cfg.data.independent_questions)
     per_epoch = ResumableBatchSampler.batches_per_epoch(len(dataset), cfg.micro_batch_size, world)
     steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
