@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (first run: a few minutes) and run the main job on the CPU: the demo
-# (about 17 minutes; --quick about 3). Extra arguments go to `fusion-vlm demo`, e.g. --quick or --out DIR.
+# (about 12-17 minutes; --quick about 5-6). Extra arguments go to `fusion-vlm demo`, e.g. --quick or --out DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091

@@ -50,6 +50,7 @@ def test_report_files_and_scores(demo_out):
     timings = json.loads((demo_out / "timings.json").read_text())
     assert {"stage1 contrastive", "stage2 generation", "stage3 N-sweep fine-tunes", "evaluation"} <= set(timings)
     assert "## What the numbers say" in report and "(a) Weak scaling" in report
+    assert "## Mode differences at N <= 4, every family" in report and "- Yes/no ('existence')" in report
     probe = json.loads((demo_out / "stage0/llm/context_probe.json").read_text())
     assert set(probe) == {"answer", "evidence", "scene", "soft", "none"} and "| context | attribute |" in report
     assert f"| evidence | {probe['evidence']['attribute']:.1f} |" in report

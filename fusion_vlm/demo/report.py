@@ -16,6 +16,8 @@ from fusion_vlm.analysis.scaling import fit_all, group_curves
 LOCALIZED = ("attribute", "reading")  # questions that point at a region of the image
 GLOBAL = "description"  # the question that needs the whole image
 SMALL_N = 4  # "small N" for the question-fusion claim: N <= 4
+YES_NO = "existence"  # the yes/no family (POPE-like)
+YES_NO_MARGIN = 5.0  # points above the majority answer that count as beating it
 MODE_NAMES = {"vqq": "vision+question+queries", "vq_ft": "vision+queries, fine-tuned without question",
               "vq": "vision+queries, question dropped (no fine-tune)"}
 
@@ -35,8 +37,24 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def claims(results: dict, fits: dict, n_values) -> list[str]:
-    """Plain-language findings, each with the numbers and the rule that decides it."""
+def mode_diff(results: dict, fam: str, a: str, b: str, ns) -> tuple[float, float] | None:
+    """Mean over N in ``ns`` of accuracy(a) - accuracy(b) on ``fam`` and two binomial standard errors of that
+    mean, both in points; None when no N has both modes."""
+    pairs = [(results[(a, n)][fam], results[(b, n)][fam]) for n in ns
+             if fam in results.get((a, n), {}) and fam in results.get((b, n), {})]
+    if not pairs:
+        return None
+    var = sum((x["accuracy"] * (100 - x["accuracy"]) + y["accuracy"] * (100 - y["accuracy"])) / max(x["n"], 1)
+              for x, y in pairs)
+    return _mean([x["accuracy"] - y["accuracy"] for x, y in pairs]), 2 * var ** 0.5 / len(pairs)
+
+
+def claims(results: dict, fits: dict, n_values, baseline: dict | None = None) -> list[str]:
+    """Plain-language findings, each with the numbers and the rule that decides it.
+
+    ``baseline`` ({family: majority-answer accuracy as a fraction}) adds the yes/no line: does every model
+    beat the majority by more than YES_NO_MARGIN points at every N?
+    """
     lines = []
     good = [(m, mode, f) for (m, mode), f in fits.items() if f is not None and not f.degenerate]
     follows = [(m, mode, f) for m, mode, f in good if f.b < 0 and f.r2 >= 0.5]
@@ -46,16 +64,6 @@ def claims(results: dict, fits: dict, n_values) -> list[str]:
                      "none (every fit is degenerate, e.g. a flat curve)") + ".")
     small = [n for n in n_values if n <= SMALL_N]
 
-    def diff(fam: str, a: str, b: str) -> tuple[float, float] | None:
-        """(mean over N <= SMALL_N of acc_a - acc_b, two binomial standard errors of that mean), in points."""
-        pairs = [(results[(a, n)][fam], results[(b, n)][fam]) for n in small
-                 if fam in results.get((a, n), {}) and fam in results.get((b, n), {})]
-        if not pairs:
-            return None
-        var = sum((x["accuracy"] * (100 - x["accuracy"]) + y["accuracy"] * (100 - y["accuracy"])) / max(x["n"], 1)
-                  for x, y in pairs)
-        return _mean([x["accuracy"] - y["accuracy"] for x, y in pairs]), 2 * var ** 0.5 / len(pairs)
-
     def verdict(*ds: tuple[float, float]) -> str:
         if all(d > noise for d, noise in ds):
             return "yes"
@@ -64,20 +72,43 @@ def claims(results: dict, fits: dict, n_values) -> list[str]:
         return "not distinguishable from noise"
 
     for fam in LOCALIZED:
-        d_ft, d_vq = diff(fam, "vqq", "vq_ft"), diff(fam, "vqq", "vq")
+        d_ft, d_vq = mode_diff(results, fam, "vqq", "vq_ft", small), mode_diff(results, fam, "vqq", "vq", small)
         if d_ft is None or d_vq is None:
             continue
         lines.append(f"(b) Localized family '{fam}', N <= {SMALL_N}: vqq - vq_ft = {d_ft[0]:+.1f} +- {d_ft[1]:.1f} "
                      f"points, vqq - vq = {d_vq[0]:+.1f} +- {d_vq[1]:.1f} points (mean over N in {small}; +- two "
                      f"binomial standard errors). Does question fusion beat both no-question models by more than "
                      f"the noise? {verdict(d_ft, d_vq)}.")
-    d_ft, d_vq = diff(GLOBAL, "vqq", "vq_ft"), diff(GLOBAL, "vqq", "vq")
+    d_ft, d_vq = mode_diff(results, GLOBAL, "vqq", "vq_ft", small), mode_diff(results, GLOBAL, "vqq", "vq", small)
     if d_ft is not None and d_vq is not None:
         seen = "seen here" if d_ft[0] < -d_ft[1] else "not seen here"
         lines.append(f"(c) Global family '{GLOBAL}', N <= {SMALL_N}: vqq - vq_ft = {d_ft[0]:+.1f} +- {d_ft[1]:.1f} "
                      f"points, vqq - vq = {d_vq[0]:+.1f} +- {d_vq[1]:.1f} points. The paper found the opposite sign "
                      f"for global descriptions (COCO): {seen} (rule: vqq - vq_ft below minus two standard errors).")
+    if baseline and YES_NO in baseline:
+        floor = 100 * baseline[YES_NO] + YES_NO_MARGIN
+        worst = {mode: min((results[(mode, n)][YES_NO]["accuracy"], n) for n in n_values
+                           if YES_NO in results.get((mode, n), {})) for mode in MODE_NAMES
+                 if any(YES_NO in results.get((mode, n), {}) for n in n_values)}
+        every = all(acc > floor for acc, _ in worst.values())
+        lines.append(f"Yes/no ('{YES_NO}') against the majority answer ({100 * baseline[YES_NO]:.1f}): lowest "
+                     f"accuracy over N per mode " + ", ".join(f"{mode} {acc:.1f} (N={n})" for mode, (acc, n) in
+                                                              worst.items()) +
+                     f". Does every model beat the majority by more than {YES_NO_MARGIN:g} points at every N? "
+                     f"{'yes' if every else 'no'}.")
     return lines
+
+
+def difference_table(results: dict, n_values) -> list[str]:
+    """Markdown rows: for every family, vqq - vq_ft and vqq - vq at N <= SMALL_N (mean +- two SE, points)."""
+    small = [n for n in n_values if n <= SMALL_N]
+    fams = [f for f in next(iter(results.values())) if f != "all"] + ["all"]
+    rows = ["| family | vqq - vq_ft | vqq - vq |", "|---|---|---|"]
+    for fam in fams:
+        cells = [mode_diff(results, fam, "vqq", other, small) for other in ("vq_ft", "vq")]
+        rows.append(f"| {fam} | " + " | ".join("-" if c is None else f"{c[0]:+.1f} +- {c[1]:.1f}" for c in cells)
+                    + " |")
+    return rows
 
 
 def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, context_probe: dict) -> Path:
@@ -135,7 +166,10 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, 
            "| context | " + " | ".join(probe_fams) + " |", "|---|" + "---|" * len(probe_fams)]
     md += [f"| {k} | " + " | ".join(f"{v.get(f, 0.0):.1f}" for f in probe_fams) + " |"
            for k, v in context_probe.items()]
-    md += ["", "## What the numbers say", ""] + [f"- {c}" for c in claims(results, fits, ns)]
+    md += ["", f"## Mode differences at N <= {SMALL_N}, every family", "",
+           f"Accuracy points, mean over N in {[n for n in ns if n <= SMALL_N]} +- two binomial standard errors "
+           f"(positive: question fusion better).", ""] + difference_table(results, ns)
+    md += ["", "## What the numbers say", ""] + [f"- {c}" for c in claims(results, fits, ns, baseline)]
     md += ["", "## Files", "", "- `scores.csv`: long format (metric, mode, n_queries, score), like the paper's "
            "appendix CSV; `fits.csv`: a, b, c, R² per curve", "- `scaling.png`: accuracy vs N with fitted curves",
            "- `diff_vqq_vq_ft.png`, `diff_vqq_vq.png`: mode differences (green: vqq better, red: worse)"]
