@@ -95,13 +95,17 @@ class FusionOutput:
 
     groups: list[list[torch.Tensor]]
 
+    def per_group(self) -> list[torch.Tensor]:
+        """Every group in (sample, group) order: list of G_total float [n_g, H]."""
+        return [g for sample in self.groups for g in sample]
+
     def eos(self) -> torch.Tensor:
         """The ``<eos>`` slot output of every group, in order: float [G_total, H]."""
-        return torch.stack([g[-1] for sample in self.groups for g in sample])
+        return torch.stack([g[-1] for g in self.per_group()])
 
     def non_eos(self) -> list[torch.Tensor]:
         """The non-``<eos>`` slot outputs of every group: list of float [n_g - 1, H]."""
-        return [g[:-1] for sample in self.groups for g in sample]
+        return [g[:-1] for g in self.per_group()]
 
     def per_sample(self) -> list[torch.Tensor]:
         """All fused tokens of each sample, groups concatenated: list of float [sum n_g, H]."""
@@ -232,7 +236,7 @@ class FusionModule(nn.Module):
         if self.decoder.gradient_checkpointing and self.training:
             flat = self.forward([v for v, qs in zip(vision, questions) for _ in qs],
                                 [[q] for qs in questions for q in qs], n_queries, n_queries, use_question)
-            groups = iter(g for sample in flat.groups for g in sample)
+            groups = iter(flat.per_group())
             return FusionOutput([[next(groups) for _ in qs] for qs in questions])
         embedded = iter(self.embed_questions([q for qs in questions for q in qs]) if use_question else [])
         return FusionOutput([self.fuse_with_prefix(self.encode_prefix(v), qs, n_queries, use_question,

@@ -136,7 +136,7 @@ class FusionVLM(nn.Module):
         flattened (sample, group) order.
         """
         embeds = self.llm.get_input_embeddings()(batch.input_ids.to(self.device)).clone()
-        per_row = [g for sample in fused.groups for g in sample] if batch.independent else fused.per_sample()
+        per_row = fused.per_group() if batch.independent else fused.per_sample()
         counts = batch.fused_mask.sum(dim=1).tolist()
         if len(per_row) != len(counts):
             raise ValueError(f"the fusion module produced tokens for {len(per_row)} LLM rows but the batch has "

@@ -99,10 +99,15 @@ def claims(results: dict, fits: dict, n_values, baseline: dict | None = None) ->
     return lines
 
 
+def _families(results: dict) -> list[str]:
+    """The question families of ``results`` in their order, "all" last."""
+    return [f for f in next(iter(results.values())) if f != "all"] + ["all"]
+
+
 def difference_table(results: dict, n_values) -> list[str]:
     """Markdown rows: for every family, vqq - vq_ft and vqq - vq at N <= SMALL_N (mean +- two SE, points)."""
     small = [n for n in n_values if n <= SMALL_N]
-    fams = [f for f in next(iter(results.values())) if f != "all"] + ["all"]
+    fams = _families(results)
     rows = ["| family | vqq - vq_ft | vqq - vq |", "|---|---|---|"]
     for fam in fams:
         cells = [mode_diff(results, fam, "vqq", other, small) for other in ("vq_ft", "vq")]
@@ -136,7 +141,7 @@ def write_report(out: Path, results: dict, baseline: dict, size, timings: dict, 
     for other in ("vq_ft", "vq"):
         plot_mode_differences(mode_differences(rows, "vqq", other), out / f"diff_vqq_{other}.png", "vqq", other)
     ns = sorted({n for _, n in results})
-    fams = [f for f in next(iter(results.values())) if f != "all"] + ["all"]
+    fams = _families(results)
     md = ["# fusion_vlm CPU demo report", "",
           f"Size: {size.train_images} train / {size.test_images} test images; N sweep {list(ns)} (N' = min(N, 8) "
           f"in training; every test question is asked alone with N fused tokens).", "",
