@@ -4,6 +4,13 @@ Every subcommand lives in its own module under :mod:`fusion_vlm.commands`; a
 module there exposes ``register(subparsers)`` which adds its parser and sets
 ``func`` to a function taking the parsed namespace. Commands translate the
 namespace into plain library calls: nothing in the library sees argparse.
+
+Exit codes: 0 success; 2 bad input -- a :class:`fusion_vlm.errors.UserError`
+(bad argument, config, image, checkpoint or data file, or a missing file the
+user named), printed as one line ``fusion-vlm COMMAND: error: ...`` naming the
+input. Any other exception is a bug and keeps its traceback (exit 1).
+Commands may define more codes (``generate``: 3 when some batch requests
+failed; ``train``: 143 when stopped by a signal).
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import pkgutil
 import sys
 
 from fusion_vlm import commands
+from fusion_vlm.errors import UserError, one_line
+
+USER_ERROR = 2  # exit code of a UserError (argparse uses 2 for bad usage too)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one line, no traceback
-        print(f"fusion-vlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # bad input: one line naming it, no traceback; anything else is a bug and raises
+        print(f"fusion-vlm {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return USER_ERROR
     return int(result or 0)
 
 

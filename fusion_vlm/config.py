@@ -29,7 +29,9 @@ class ViewsConfig:
     max_image_pixels: int = 100_000_000  # decoded images with more pixels are rejected
     mean: tuple[float, ...] = CLIP_MEAN  # per-channel normalisation mean (CLIP's)
     std: tuple[float, ...] = CLIP_STD  # per-channel normalisation std (CLIP's)
-    interpolation: str = "bicubic"  # resize kernel for views: bicubic | bilinear
+    interpolation: str = "bicubic"  # resize kernel of the no_upsize rule: bicubic | bilinear
+    hd_rule: str = "reference"  # reference: the paper's HD transform (small images upsized to fill the grid, white
+    #                             local / black global padding); no_upsize: never upsize, mean-colour padding
 
 
 @dataclass
@@ -44,7 +46,7 @@ class VisionConfig:
     layer: int = -1  # transformer block whose output is used (-1 = last, with the final LayerNorm; -2 = penultimate)
     text_context_length: int = 512  # CLIP text tower context, extended from 77 as in the paper
     freeze: bool = False  # freeze the vision tower (it is trained in every paper stage)
-    grad_checkpointing: bool = False  # activation checkpointing inside the tower
+    grad_checkpointing: bool = False  # activation checkpointing inside the vision tower and the CLIP text tower
 
 
 @dataclass
@@ -55,6 +57,7 @@ class MergeConfig:
     stride: int = 2  # spatial reduction per side: 24x24 -> 12x12
     residual: bool = True  # add the nearest-neighbour downsampled input grid
     newline: bool = True  # append one learned <newline> token per view
+    init_std: float = 0.02  # convolution weights drawn from N(0, init_std) (0.02 as in the authors' code)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class FusionConfig:
     num_kv_heads: int = 16  # key/value heads (== num_heads: plain multi-head attention)
     intermediate_size: int = 4096  # MLP width
     rope_theta: float = 10000.0  # RoPE base
-    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon (1e-6 as in the authors' code)
     max_positions: int = 16384  # longest fusion sequence (vision + questions + slots)
     text_context_length: int = 512  # question tokens kept per question (longer ones are truncated with a warning)
     max_queries: int = 768  # size of the learnable query codebook = largest usable N
@@ -103,6 +106,7 @@ class LLMConfig:
     system_prompt: str | None = None  # system message put in every prompt, if any
     max_length: int = 2048  # longest LLM sequence; longer training samples are skipped
     grad_checkpointing: bool = False  # activation checkpointing in the (frozen) LLM during training
+    load: bool = True  # false: build the model without the LLM (stage 1 never runs it); its width comes from its config
     trust_remote_code: bool = False  # only if you trust the model repository's code
     save_weights: bool = False  # save_pretrained also writes the LLM weights (always for a `tiny` LLM)
 
@@ -113,6 +117,8 @@ class LossConfig:
 
     contrastive_weight: float = 1.0  # weight of the symmetric contrastive loss
     identity_weight: float = 1.0  # weight of mean((Z Z^T - I)^2) over non-<eos> slots
+    identity_scope: str = "batch"  # batch: one Z of all non-<eos> slots of the batch (paper eq. 19, reference);
+    #                                group: one Z per question group, the losses averaged over groups
     logit_scale_init: float = math.log(100.0)  # s in exp(s), learnable, initialised to ln(100)
     embed_dim: int | None = None  # contrastive embedding size; null = the CLIP model's embed_dim
     same_answer_positive: bool = False  # true: identical answers in a batch are positives, not negatives (DESIGN: false)
@@ -141,6 +147,8 @@ class ModelConfig:
         _require(all(s > 0 for s in v.std), "views.std", v.std, "must be positive")
         _require(v.interpolation in ("bicubic", "bilinear"), "views.interpolation", v.interpolation,
                  "must be bicubic or bilinear")
+        _require(v.hd_rule in ("reference", "no_upsize"), "views.hd_rule", v.hd_rule,
+                 "must be reference or no_upsize")
         _require(self.vision.patch_size >= 1, "vision.patch_size", self.vision.patch_size, "must be >= 1")
         _require(v.view_size % self.vision.patch_size == 0, "views.view_size", v.view_size,
                  f"must be divisible by vision.patch_size={self.vision.patch_size}")
@@ -148,6 +156,8 @@ class ModelConfig:
                  self.vision.text_context_length, "must be >= 2")
         _require(self.merge.kernel_size % 2 == 1, "merge.kernel_size", self.merge.kernel_size, "must be odd")
         _require(self.merge.stride >= 1, "merge.stride", self.merge.stride, "must be >= 1")
+        _require(self.loss.identity_scope in ("batch", "group"), "loss.identity_scope", self.loss.identity_scope,
+                 "must be batch or group")
         _require(f.n_queries >= 1, "fusion.n_queries", f.n_queries, "must be >= 1")
         _require(f.later >= 1, "fusion.n_queries_later", f.n_queries_later, "must be >= 1")
         _require(f.later <= f.n_queries, "fusion.n_queries_later", f.n_queries_later,

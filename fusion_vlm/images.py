@@ -26,8 +26,11 @@ F (float)           if max <= 1: values taken in [0, 1] (times 255), else in
 ==================  ========================================================
 
 Every failure is reported in one line that names the image, as
-``ImageError`` (a ``ValueError``) -- or ``FileNotFoundError`` (with the
-path) for a missing file.  PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES``
+``ImageError`` (a ``ValueError``) -- or ``MissingFileError`` (an
+``ImageError``'s sibling that is also a ``FileNotFoundError``) for a missing
+file.  Training, ``fusion-vlm generate``, the evaluation runner and the
+VLMEvalKit plugin all decode through :func:`load_image`, so the model sees the
+same pixels everywhere.  PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES``
 is never modified.
 """
 
@@ -43,6 +46,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fusion_vlm.errors import ImageError, MissingFileError
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -52,10 +57,6 @@ WHITE = 255
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
 ALPHA_MODES = {"RGBA": None, "LA": "RGBA", "PA": "RGBA", "RGBa": "RGBA", "La": "LA"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: unreadable, truncated, too large or empty."""
 
 
 def _one_line(text: object) -> str:
@@ -200,7 +201,12 @@ def _open_source(source: ImageSource, name: str) -> tuple[Image.Image, object]:
     if isinstance(source, Image.Image):
         return source, None
     if isinstance(source, (str, os.PathLike)):
-        stream = open(source, "rb")  # FileNotFoundError names the path
+        try:
+            stream = open(source, "rb")
+        except FileNotFoundError:
+            raise MissingFileError(f"image '{name}': no such file") from None
+        except OSError as exc:  # a folder, no permission, ...
+            raise _fail(name, "cannot be opened", exc.strerror or exc) from None
     elif isinstance(source, (bytes, bytearray, memoryview)):
         stream = io.BytesIO(bytes(source))
     elif hasattr(source, "read"):
@@ -221,7 +227,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
     decode is then forced so truncation is caught here.  ``name`` overrides the
     name used in error messages.  Returns a fully loaded ``PIL.Image.Image`` in
     mode "RGB" (size (W, H) after the EXIF rotation).  Raises ``ImageError``
-    (one line, naming the image) or ``FileNotFoundError``.
+    (one line, naming the image) or ``MissingFileError`` (a ``FileNotFoundError``).
     """
     label = _source_name(source, name)
     img, stream = _open_source(source, label)

@@ -39,7 +39,7 @@ def token_accounting(cfg: ModelConfig, width: int, height: int, n_questions: int
     """Count the tokens of a ``width x height`` image at every step of the data path."""
     if n_questions < 1:
         raise ValueError(f"n_questions={n_questions}: must be >= 1")
-    plan = plan_views(width, height, cfg.views.view_size, cfg.views.max_local_views)
+    plan = plan_views(width, height, cfg.views.view_size, cfg.views.max_local_views, cfg.views.hd_rule)
     grid = cfg.views.view_size // cfg.vision.patch_size
     per_view = tokens_per_view(grid, cfg.merge)
     n = cfg.fusion.n_queries if n_queries is None else n_queries

@@ -2,8 +2,9 @@
 
 - contrastive: symmetric cross-entropy between the ``<eos>`` slot embeddings
   and the CLIP text embeddings of the answers, logits scaled by exp(s);
-- identity: mean((Z Z^T - I)^2) over the L2-normalised non-``<eos>`` slots of
-  each question group (averaged over groups), pushing slots apart;
+- identity: mean((Z Z^T - I)^2) with Z the L2-normalised non-``<eos>`` slots of
+  the whole batch (paper eq. 19; ``scope="group"``: one Z per question group,
+  averaged), pushing slots apart;
 - generation: next-token cross-entropy on answer tokens and the closing eos.
 """
 
@@ -43,25 +44,43 @@ def contrastive_loss(group_embed: torch.Tensor, text_embed: torch.Tensor, logit_
     return 0.5 * (rows.mean() + cols.mean())
 
 
-def identity_loss(slots: list[torch.Tensor]) -> torch.Tensor:
-    """mean((Z Z^T - I)^2) per group, averaged over groups with at least one slot.
+IDENTITY_SCOPES = ("batch", "group")
 
-    ``slots`` is a list of float [n_g, H] (non-``<eos>`` slot outputs of each group);
-    each row is L2-normalised. Groups with no slot (N = 1) contribute nothing;
-    returns 0 if no group has a slot.
+
+def identity_loss(slots: list[torch.Tensor], scope: str = "batch") -> torch.Tensor:
+    """mean((Z Z^T - I)^2) over L2-normalised slot outputs (paper eq. 19).
+
+    ``slots`` is a list of float [n_g, H] (the non-``<eos>`` slot outputs of each
+    question group of the batch). ``scope="batch"`` (the paper and the authors'
+    code): Z float [sum n_g, H] stacks every slot of the batch, so slots of
+    different groups are pushed apart too and every slot weighs the same.
+    ``scope="group"``: one Z per group, the losses averaged over the groups with at
+    least one slot. Returns a scalar; 0 (with a graph) if there is no slot (N = 1).
     """
-    losses = []
-    for z in slots:
-        if z.shape[0] == 0:
-            continue
-        z = F.normalize(z.float(), dim=-1)
-        gram = z @ z.T
-        eye = torch.eye(z.shape[0], device=z.device)
-        losses.append(((gram - eye) ** 2).mean())
-    if not losses:
+    if scope not in IDENTITY_SCOPES:
+        raise ValueError(f"loss.identity_scope={scope!r}: expected one of {', '.join(IDENTITY_SCOPES)}")
+    zs = [z for z in slots if z.shape[0] > 0]
+    if not zs:
         ref = slots[0] if slots else torch.zeros(())
         return ref.float().sum() * 0.0
-    return torch.stack(losses).mean()
+    if scope == "batch":
+        return _gram_identity_mse(F.normalize(torch.cat(zs).float(), dim=-1))
+    return torch.stack([_gram_identity_mse(F.normalize(z.float(), dim=-1)) for z in zs]).mean()
+
+
+def _gram_identity_mse(z: torch.Tensor) -> torch.Tensor:
+    """mean((Z Z^T - I)^2) for float [n, H] with unit (or zero) rows.
+
+    For n > H it uses ||Z Z^T||_F^2 = ||Z^T Z||_F^2, so the [n, n] Gram matrix of
+    a whole batch (thousands of slots) is never built: sum((G - I)^2) =
+    ||Z^T Z||_F^2 - 2 tr(G) + n with tr(G) = sum of the squared row norms.
+    """
+    n, h = z.shape
+    if n <= h:
+        gram = z @ z.T
+        return ((gram - torch.eye(n, device=z.device, dtype=z.dtype)) ** 2).mean()
+    total = (z.T @ z).pow(2).sum() - 2 * z.pow(2).sum() + n
+    return total / (n * n)
 
 
 def generation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Step 3 of the data path: merge each view's patch grid and close it with a newline token.
 
-A stride-2 3x3 convolution (no bias) plus a nearest-neighbour downsampled
-residual turns a 24x24 grid into 12x12; one learned ``<newline>`` token is
-appended per view: 145 tokens per 336-px view, 1450 for a full HD-9 image.
+A stride-2 3x3 convolution (no bias, weights drawn from N(0, 0.02) as in the
+authors' code) plus a nearest-neighbour downsampled residual turns a 24x24
+grid into 12x12; one learned ``<newline>`` token is appended per view: 145
+tokens per 336-px view, 1450 for a full HD-9 image.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TokenMerge(nn.Module):
         self.cfg = cfg
         self.conv = nn.Conv2d(width, width, cfg.kernel_size, stride=cfg.stride,
                               padding=cfg.kernel_size // 2, bias=False)
+        nn.init.normal_(self.conv.weight, mean=0.0, std=cfg.init_std)
         self.newline = nn.Parameter(torch.zeros(width)) if cfg.newline else None
         if self.newline is not None:
             nn.init.normal_(self.newline, std=0.02)

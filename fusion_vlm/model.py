@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusion_vlm.config import ModelConfig, load_model_config
+from fusion_vlm.errors import CheckpointError, MissingFileError, one_line
 from fusion_vlm.fusion import FusionModule, FusionOutput, VisionPrefix
-from fusion_vlm.language import Projector, build_llm, build_prompt, load_tokenizer
+from fusion_vlm.language import Projector, build_llm, build_prompt, llm_architecture, load_tokenizer, set_llm_mode
 from fusion_vlm.losses import contrastive_loss, generation_loss, identity_loss, shift_targets
 from fusion_vlm.merge import TokenMerge, tokens_per_view
 from fusion_vlm.processor import Batch, FusionProcessor, collate
@@ -32,6 +35,7 @@ from fusion_vlm.vision import VisionTower, build_clip
 STAGES = ("contrastive", "generation")
 TRAINED_FILE = "model.safetensors"
 LLM_FILE = "llm.safetensors"
+log = logging.getLogger(__name__)
 
 
 class FusionVLM(nn.Module):
@@ -45,13 +49,22 @@ class FusionVLM(nn.Module):
         self.vision = VisionTower(clip.visual, cfg.vision, cfg.fusion.hidden_size)
         clip.visual = None  # the text tower stays in `text_encoder`; the ViT lives in `vision`
         clip.logit_scale = None  # unused: the contrastive loss has its own learnable scale below
+        if cfg.vision.grad_checkpointing:  # the CLIP text tower too (stage 1 runs it on G x 512 tokens)
+            text = getattr(clip, "text", None)  # open_clip's CustomTextCLIP keeps its text tower there
+            if hasattr(text, "set_grad_checkpointing"):
+                text.set_grad_checkpointing(True)
+            elif hasattr(clip, "transformer"):
+                clip.transformer.grad_checkpointing = True
         self.text_encoder = clip
-        self.tokenizer = load_tokenizer(cfg.llm, offline_fallback=torch.device(device).type == "meta")
-        self.llm = build_llm(cfg.llm, self.tokenizer, device)
+        meta = torch.device(device).type == "meta"
+        self.tokenizer = load_tokenizer(cfg.llm, offline_fallback=meta)
+        # llm.load=false (stage 1): no LLM module at all; the projector's width comes from the LLM's config
+        self.llm = build_llm(cfg.llm, self.tokenizer, device) if cfg.llm.load else None
+        self.llm_config = self.llm.config if self.llm is not None else llm_architecture(cfg.llm, self.tokenizer, meta)
         with torch.device(device):
             self.merge = TokenMerge(cfg.fusion.hidden_size, cfg.merge)
             self.fusion = FusionModule(cfg.fusion)
-            self.projector = Projector(cfg.fusion.hidden_size, self.llm.config.get_text_config().hidden_size,
+            self.projector = Projector(cfg.fusion.hidden_size, self.llm_config.get_text_config().hidden_size,
                                        cfg.projector)
             embed_dim = cfg.loss.embed_dim or clip.text_projection.shape[-1]
             self.contrastive_head = nn.Linear(cfg.fusion.hidden_size, embed_dim, bias=False)
@@ -62,6 +75,7 @@ class FusionVLM(nn.Module):
         self.processor = FusionProcessor(cfg, self.tokenizer)
         self.prefix_cache_size = 8  # images whose fusion vision prefix generate() keeps (0 = off)
         self._prefix_cache: OrderedDict[str, VisionPrefix] = OrderedDict()
+        self._set_llm_mode()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -104,15 +118,31 @@ class FusionVLM(nn.Module):
         if stage == "contrastive":
             self.logit_scale.requires_grad_(True)
             params.append(self.logit_scale)
-        self.llm.eval()
+        self._set_llm_mode()
         return params
 
     def train(self, mode: bool = True) -> "FusionVLM":
-        """Like ``nn.Module.train`` but the frozen LLM always stays in eval mode (clears the prefix cache)."""
+        """Like ``nn.Module.train`` but the frozen LLM stays in eval mode (clears the prefix cache).
+
+        With ``llm.grad_checkpointing`` only the flag that makes transformers
+        checkpoint each decoder layer follows ``mode`` (:func:`fusion_vlm.language.set_llm_mode`).
+        """
         super().train(mode)
         self._prefix_cache.clear()
-        self.llm.eval()
+        self._set_llm_mode()
         return self
+
+    def _set_llm_mode(self) -> None:
+        if self.llm is not None:
+            set_llm_mode(self.llm, self.training)
+
+    def _require_llm(self, what: str) -> nn.Module:
+        """The LLM, or a one-line error when the model was built without it (``llm.load=false``)."""
+        if self.llm is None:
+            raise RuntimeError(f"{what} needs the LLM, but this FusionVLM was built without it (llm.load=false, as "
+                               f"for stage 1); build or load it with llm.load=true, e.g. "
+                               f"FusionVLM.from_pretrained(path, overrides=['llm.load=true'])")
+        return self.llm
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor, views_per_sample: list[int]) -> list[torch.Tensor]:
@@ -135,7 +165,8 @@ class FusionVLM(nn.Module):
         Row r holds sample r's groups (a conversation) or, when ``batch.independent``, group r of the
         flattened (sample, group) order.
         """
-        embeds = self.llm.get_input_embeddings()(batch.input_ids.to(self.device)).clone()
+        embeds = self._require_llm("the generation stage").get_input_embeddings()(
+            batch.input_ids.to(self.device)).clone()
         per_row = fused.per_group() if batch.independent else fused.per_sample()
         counts = batch.fused_mask.sum(dim=1).tolist()
         if len(per_row) != len(counts):
@@ -162,7 +193,7 @@ class FusionVLM(nn.Module):
             if self.config.loss.same_answer_positive:  # identical token rows = identical answers
                 same = (batch.answer_tokens[:, None, :] == batch.answer_tokens[None, :, :]).all(-1)
             con = contrastive_loss(self.contrastive_head(fused.eos()), text, self.logit_scale, same)
-            ident = identity_loss(fused.non_eos())
+            ident = identity_loss(fused.non_eos(), self.config.loss.identity_scope)
             loss = self.config.loss.contrastive_weight * con + self.config.loss.identity_weight * ident
             return {"loss": loss, "contrastive": con.detach(), "identity": ident.detach()}
         if stage != "generation":
@@ -197,6 +228,7 @@ class FusionVLM(nn.Module):
         for the next ``prefix_cache_size`` images) and shared by its questions.
         Greedy by default.
         """
+        self._require_llm("generate()")
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} question lists")
         if any(len(q) == 0 for q in questions):
@@ -287,7 +319,8 @@ class FusionVLM(nn.Module):
         save_config(self.config, directory / "config.yaml")
         state = {k: v.detach().contiguous().cpu() for k, v in self.trained_state_dict().items()}
         save_file(state, str(directory / TRAINED_FILE), metadata={"format": "pt"})
-        with_llm = self.config.llm.path is None or (self.config.llm.save_weights if save_llm is None else save_llm)
+        with_llm = self.llm is not None and (self.config.llm.path is None or
+                                             (self.config.llm.save_weights if save_llm is None else save_llm))
         if with_llm:
             llm_state = {k: v.detach().contiguous().cpu() for k, v in self.llm.state_dict().items()}
             save_file(_untie(llm_state), str(directory / LLM_FILE), metadata={"format": "pt"})
@@ -298,25 +331,94 @@ class FusionVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, overrides: list[str] | None = None,
-                        device: str | torch.device = "cpu") -> "FusionVLM":
-        """Load a directory written by :meth:`save_pretrained` (overrides such as ``fusion.n_queries=64``)."""
+                        device: str | torch.device = "cpu", trust_remote_code: bool = False) -> "FusionVLM":
+        """Load a directory written by :meth:`save_pretrained` (overrides such as ``fusion.n_queries=64``).
+
+        ``trust_remote_code`` is the only switch that lets the LLM or its
+        tokenizer run Python code shipped with them: a checkpoint's
+        ``config.yaml`` asking for it (``llm.trust_remote_code: true``) is
+        ignored with a one-line warning, and an LLM that needs its own code
+        is then refused with a :class:`CheckpointError` saying how to allow it.
+        Weights are loaded strictly: a missing, unexpected or mis-shaped
+        tensor, or a damaged safetensors file, is a one-line
+        :class:`CheckpointError` naming the file. Under ``HF_HUB_OFFLINE=1``
+        the referenced LLM is read from local files only.
+        """
         directory = Path(directory)
+        if not directory.is_dir():
+            raise MissingFileError(f"checkpoint '{directory}': no such folder")
         if not (directory / "config.yaml").is_file() or not (directory / TRAINED_FILE).is_file():
-            raise FileNotFoundError(f"checkpoint '{directory}': no config.yaml / {TRAINED_FILE} (not a FusionVLM "
-                                    f"checkpoint)")
+            raise MissingFileError(f"checkpoint '{directory}': no config.yaml / {TRAINED_FILE} (not a FusionVLM "
+                                   f"checkpoint)")
         cfg = load_model_config(directory / "config.yaml", overrides)
+        if cfg.llm.trust_remote_code and not trust_remote_code:
+            log.warning("checkpoint '%s' asks for llm.trust_remote_code; ignored (pass trust_remote_code=True / "
+                        "--trust-remote-code to run the LLM's own code)", directory)
+        cfg.llm.trust_remote_code = bool(trust_remote_code)
         if (directory / "tokenizer").is_dir():
             cfg.llm.tokenizer = str(directory / "tokenizer")
         cfg.vision.pretrained = None  # the trained vision weights come from model.safetensors
-        model = cls(cfg, device)
-        missing, unexpected = model.load_state_dict(load_file(str(directory / TRAINED_FILE)), strict=False)
-        missing = [k for k in missing if not k.startswith("llm.")]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint '{directory}': missing {missing[:5]} unexpected {unexpected[:5]}")
-        if (directory / LLM_FILE).is_file():
-            model.llm.load_state_dict(load_file(str(directory / LLM_FILE)), strict=False)
+        has_llm_file = (directory / LLM_FILE).is_file()
+        if not has_llm_file and _llm_reference(directory).get("weights_saved"):
+            raise CheckpointError(f"checkpoint '{directory}': {LLM_FILE} is missing (llm_reference.json says the "
+                                  f"LLM weights were saved)")
+        if not has_llm_file and cfg.llm.path is None and cfg.llm.load:
+            log.warning("checkpoint '%s' has no %s: its tiny LLM starts from random weights", directory, LLM_FILE)
+        try:
+            model = cls(cfg, device)
+        except ValueError as err:  # transformers refuses an LLM / tokenizer that needs its own code
+            if "trust_remote_code" not in str(err):
+                raise
+            raise CheckpointError(f"checkpoint '{directory}': the LLM '{cfg.llm.tokenizer or cfg.llm.path}' needs "
+                                  f"to run its own Python code; pass trust_remote_code=True / --trust-remote-code "
+                                  f"if you trust it") from None
+        except OSError as err:
+            raise CheckpointError(f"checkpoint '{directory}': cannot load its LLM '{cfg.llm.path}' "
+                                  f"({one_line(err)})") from None
+        _load_strict(model, directory / TRAINED_FILE, skip_prefix="llm.")
+        if has_llm_file and model.llm is not None:  # llm.load=false builds no LLM
+            _load_strict(model.llm, directory / LLM_FILE)
             model.llm.tie_weights()
         return model
+
+
+def _llm_reference(directory: Path) -> dict:
+    """``llm_reference.json`` of a checkpoint ({} when absent); unreadable JSON is a :class:`CheckpointError`."""
+    path = directory / "llm_reference.json"
+    if not path.is_file():
+        return {}
+    try:
+        ref = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{path}': not JSON ({one_line(err)})") from None
+    return ref if isinstance(ref, dict) else {}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``path``; a damaged file is a one-line :class:`CheckpointError` naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"'{path}': not a readable safetensors file ({one_line(err)})") from None
+
+
+def _load_strict(module: nn.Module, path: Path, skip_prefix: str | None = None) -> None:
+    """Load ``path`` into ``module``; every key must match in name and shape (keys under ``skip_prefix`` excepted).
+
+    Raises :class:`CheckpointError` naming the file and the first missing / unexpected / mis-shaped keys.
+    """
+    state = _read_safetensors(path)
+    expected = {k: v.shape for k, v in module.state_dict().items()
+                if skip_prefix is None or not k.startswith(skip_prefix)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in expected
+              if k in state and state[k].shape != expected[k]]
+    problems = [f"{what} {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape of", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"'{path}' does not match the model: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=False)  # strict by the check above; skipped keys keep their values
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,11 +18,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fusion_vlm.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the field."""
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

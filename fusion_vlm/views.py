@@ -7,36 +7,51 @@ the whole image and a grid of *local* views of an aspect-preserving resize.
 normalised float tensors; :func:`load_image` (re-exported from
 :mod:`fusion_vlm.images`) decodes files.
 
-Speed: the image is converted to a uint8 tensor once, resized once (uint8,
-antialiased bicubic -- the same Keys a = -0.5 kernel as PIL -- on a
-channels-last view), padded with the mean colour, cut into the grid by a
-reshape/transpose, and written into a preallocated float32 output (one
-casting copy that also gathers the grid, then an in-place affine).  No crop
-is resized on its own.
+Two rules (``ViewsConfig.hd_rule``):
 
-Global view: the *resized* image (long side ``c * view_size``) centred on a
-``c * view_size`` square of the pad colour, resized to ``view_size`` (an
-integer downscale by ``c``).  Only the band of output pixels whose kernel
-reaches the image is computed; every other pixel is pure padding.
+``reference`` (the paper's; the authors' ``HD_transform``)
+    The largest scale s with ``s * ceil(s / r) <= max_local_views`` (r = long /
+    short, float maths as in the reference) fixes the grid *whatever the image
+    size*: the long side is resized to ``s * view_size`` (small images are
+    upsized), the short side to ``int(long_r / r)``, with PIL's bilinear
+    filter on the landscape orientation (portrait images are transposed and
+    back); the short side is padded to a multiple of ``view_size``, centred
+    (floor) in **white**.  So 640x480, 336x336 and 224x224 all give 3 x 3 local
+    views: 10 views, 1450 vision tokens.  Global view: a square image is used
+    as it is; otherwise, if its long side exceeds ``view_size``, it is resized
+    with LANCZOS to long side ``view_size`` (short side ``int(short * ratio)``)
+    and pasted, centred (floor), on a **black** square of its long side; the
+    normalised square is then bicubic-interpolated (no antialiasing) to
+    ``view_size``.
 
-Padding: the canvas uses the mean colour rounded to uint8; pixels that are
-pure padding are then set to exactly 0 (the normalised mean), in local and
-global views alike.
+``no_upsize``
+    The same grid rule capped at ``ceil(long / view_size)`` columns (a small
+    image is never upsized beyond its need), short side rounded; one
+    antialiased resize (``interpolation``); padding in the mean colour, which
+    is exactly 0 after normalisation; the global view is the resized canvas
+    scaled down by the grid factor.  Only the band of output pixels whose
+    kernel reaches the image is computed.  Cheaper for small images; not the
+    paper's rule.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from fusion_vlm.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, to_rgb
 
-__all__ = ["ImageError", "ViewPlan", "ViewProcessor", "load_image", "plan_views", "to_rgb"]
+__all__ = ["HD_RULES", "ImageError", "ViewPlan", "ViewProcessor", "load_image", "plan_views", "to_rgb"]
+
+HD_RULES = ("reference", "no_upsize")  # see the module docstring
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,28 +113,45 @@ def _hd_columns(long: int, short: int, max_local_views: int) -> int:
     return c
 
 
-def plan_views(width: int, height: int, view_size: int = 336, max_local_views: int = 9) -> ViewPlan:
+def _reference_scale(long: int, short: int, max_local_views: int) -> int:
+    """The reference's grid scale: largest s >= 1 with s * ceil(s / r) <= max_local_views, r = long / short
+    (Python floats, as the authors' ``HD_transform`` computes it)."""
+    ratio = long / short
+    s = 1
+    while (s + 1) * math.ceil((s + 1) / ratio) <= max_local_views:
+        s += 1
+    return s
+
+
+def plan_views(width: int, height: int, view_size: int = 336, max_local_views: int = 9,
+               rule: str = "reference") -> ViewPlan:
     """Plan the HD-N views of a ``width x height`` image (pure function, no pixels).
 
-    Rule, on the long side with r = long / short >= 1:
+    On the long side, with r = long / short >= 1:
 
-    * ``cols_max`` = the largest c >= 1 with ``c * ceil(c / r) <= max_local_views``
-      (InternLM-XComposer2-4KHD's HD rule);
-    * ``cols_need = max(1, ceil(long / view_size))`` -- never upsample beyond need;
-    * ``c = min(cols_max, cols_need)``;
-    * resize, keeping the aspect ratio, to long side ``c * view_size`` and short
-      side ``max(1, round(c * view_size / r))`` (round half up, exact in integers);
-    * pad (centred) the short side to ``rows * view_size``, ``rows = ceil(short / view_size)``.
+    * ``rule="reference"`` (the paper's): c = the largest s with ``s * ceil(s / r) <= max_local_views``;
+      long side ``c * view_size``, short side ``max(1, int(c * view_size / r))`` -- small images are
+      upsized, so every 4:3 or square image fills the 3 x 3 grid of HD-9;
+    * ``rule="no_upsize"``: c = min(that s by exact integer maths, ``max(1, ceil(long / view_size))``);
+      short side ``max(1, round(c * view_size / r))`` (half up).
 
-    The returned rows / cols follow the image's own orientation (a portrait
-    image gets ``c`` rows).  Always ``rows * cols <= max_local_views``.
-    E.g. 1008x1008 -> 3x3 (10 views), 1920x1080 -> 2 rows x 3 cols, 1x10000 -> 9 x 1.
+    Then the short side is padded (centred) to ``rows * view_size``, ``rows = ceil(short / view_size)``.
+    The returned rows / cols follow the image's own orientation (a portrait image gets ``c`` rows);
+    always ``rows * cols <= max_local_views``.  E.g. with the reference rule 640x480, 336x336 and
+    1008x1008 -> 3x3 (10 views); 1920x1080 -> 2 rows x 3 cols; 1x10000 -> 9 rows x 1 col.
     """
     _check_positive(width=width, height=height, view_size=view_size, max_local_views=max_local_views)
+    if rule not in HD_RULES:
+        raise ValueError(f"rule must be one of {HD_RULES}, got {rule!r}")
     long, short = max(width, height), min(width, height)
-    c = min(_hd_columns(long, short, max_local_views), max(1, _ceil_div(long, view_size)))
-    long_r = c * view_size
-    short_r = max(1, (2 * long_r * short + long) // (2 * long))
+    if rule == "reference":
+        c = _reference_scale(long, short, max_local_views)
+        long_r = c * view_size
+        short_r = max(1, int(long_r / (long / short)))
+    else:
+        c = min(_hd_columns(long, short, max_local_views), max(1, _ceil_div(long, view_size)))
+        long_r = c * view_size
+        short_r = max(1, (2 * long_r * short + long) // (2 * long))
     n_short = _ceil_div(short_r, view_size)
     if width >= height:
         return ViewPlan(n_short, c, (long_r, short_r), (long_r, n_short * view_size))
@@ -164,7 +196,8 @@ def _resize_hwc(image: torch.Tensor, width: int, height: int, mode: TF.Interpola
 class ViewProcessor:
     """Image -> normalised HD-N views: float32 [n_views, 3, view_size, view_size], global view first.
 
-    Padding uses the mean colour and is exactly 0 after normalisation.  The
+    ``hd_rule`` picks the reference (paper) or the never-upsize rule (module docstring); ``interpolation``
+    is the resize kernel of the ``no_upsize`` rule (the reference rule uses the reference's kernels).  The
     keyword arguments match ``ViewsConfig`` (``ViewProcessor(**asdict(cfg))``).
     """
 
@@ -176,7 +209,11 @@ class ViewProcessor:
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         interpolation: str = "bicubic",
+        hd_rule: str = "reference",
     ) -> None:
+        if hd_rule not in HD_RULES:
+            raise ValueError(f"hd_rule must be one of {HD_RULES}, got {hd_rule!r}")
+        self.hd_rule = hd_rule
         _check_positive(view_size=view_size, max_local_views=max_local_views, max_image_pixels=max_image_pixels)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
@@ -194,12 +231,12 @@ class ViewProcessor:
         return (
             f"ViewProcessor(view_size={self.view_size}, max_local_views={self.max_local_views}, "
             f"max_image_pixels={self.max_image_pixels}, mean={self.mean}, std={self.std}, "
-            f"interpolation={self.interpolation!r})"
+            f"interpolation={self.interpolation!r}, hd_rule={self.hd_rule!r})"
         )
 
     def plan(self, width: int, height: int) -> ViewPlan:
         """The :class:`ViewPlan` this processor uses for a ``width x height`` image."""
-        return plan_views(width, height, self.view_size, self.max_local_views)
+        return plan_views(width, height, self.view_size, self.max_local_views, self.hd_rule)
 
     def __call__(self, image: ImageSource) -> tuple[torch.Tensor, ViewPlan]:
         """Views of one image (anything :func:`load_image` accepts).
@@ -208,6 +245,8 @@ class ViewProcessor:
         """
         img = load_image(image, max_pixels=self.max_image_pixels)
         plan = self.plan(*img.size)
+        if self.hd_rule == "reference":
+            return self._reference_views(img, plan), plan
         resized = _resize_hwc(_as_tensor(np.asarray(img)), *plan.resized, self._mode)
         out = torch.empty(plan.n_views, 3, self.view_size, self.view_size)
         self._local_views(out.numpy()[1:], resized, plan)
@@ -266,3 +305,40 @@ class ViewProcessor:
         dst[...] = 0.0
         inner = small[ylo - by0 : yhi - by0, xlo - bx0 : xhi - bx0].transpose(2, 0, 1)
         self._normalise(dst[:, ylo:yhi, xlo:xhi], inner)
+
+    # ------------------------------------------------------------------ the reference (paper) rule
+    def _reference_views(self, img: Image.Image, plan: ViewPlan) -> torch.Tensor:
+        """The authors' HD transform + global view: float32 [V, 3, S, S], [global, local row-major]."""
+        s = self.view_size
+        out = torch.empty(plan.n_views, 3, s, s)
+        # local grid: landscape orientation, PIL bilinear resize, white centred padding of the short side
+        portrait = img.width < img.height
+        land = img.transpose(Image.Transpose.TRANSPOSE) if portrait else img
+        long_r, short_r = max(plan.resized), min(plan.resized)
+        land = land.resize((long_r, short_r), Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (long_r, _ceil_div(short_r, s) * s), (255, 255, 255))
+        canvas.paste(land, (0, (canvas.height - short_r) // 2))
+        if portrait:
+            canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+        grid = np.asarray(canvas).reshape(plan.rows, s, plan.cols, s, 3).transpose(0, 2, 4, 1, 3)
+        self._normalise(out.numpy()[1:].reshape(plan.rows, plan.cols, 3, s, s), grid)
+        # global view: LANCZOS down to long side S (never up), black centred square, bicubic to S x S
+        w, h = img.size
+        square = img
+        if w != h:
+            side = max(w, h)
+            if side > s:
+                ratio = s / side
+                w, h = (s, max(1, int(h * ratio))) if w > h else (max(1, int(w * ratio)), s)
+                square = img.resize((w, h), Image.Resampling.LANCZOS)
+                side = s
+            canvas = Image.new("RGB", (side, side))
+            canvas.paste(square, ((side - w) // 2, (side - h) // 2))
+            square = canvas
+        if square.width == s:
+            self._normalise(out.numpy()[0], np.asarray(square).transpose(2, 0, 1))
+        else:
+            glob = np.empty((1, 3, square.height, square.width), np.float32)
+            self._normalise(glob, np.asarray(square).transpose(2, 0, 1))
+            out[0] = F.interpolate(torch.from_numpy(glob), size=(s, s), mode="bicubic")[0]
+        return out

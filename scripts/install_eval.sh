@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Install the evaluation stack (VLMEvalKit as ms-vlmeval + the `eval` extra) into a venv.
+# Install the evaluation stack into a venv that can run every fusion-vlm command:
+# torch, VLMEvalKit (as ms-vlmeval), and fusion_vlm editable with its core
+# dependencies and the `train`, `eval` and `dev` extras of pyproject.toml.
 #
 #   bash scripts/install_eval.sh [VENV_DIR]      # default: <repo>/.venv-eval; reused if it exists
+#   bash scripts/install_eval.sh .venv           # add evaluation to the training venv: one venv for all
 #
 # Idempotent: an existing venv is reused, torch and ms-vlmeval are skipped when
 # the pinned versions are already there, and pip skips satisfied requirements.
 # ms-vlmeval is installed with --no-deps (it declares ~68 dependencies, several
-# of them unbuildable offline); EVAL_DEPS below is the verified subset that
-# `import vlmeval` and its image benchmarks need (docs/evaluation.md). Keep it
-# in sync with the `eval` extra of pyproject.toml.
+# of them unbuildable offline); the `eval` extra is the verified subset that
+# `import vlmeval` and its image benchmarks need (docs/evaluation.md). The
+# extras' pins fit the core ones, so the same venv trains, evaluates and fits;
+# installed into .venv it moves transformers to the `eval` extra's pin.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,15 +20,7 @@ VENV="${1:-${EVAL_VENV:-$REPO/.venv-eval}}"
 PYTHON="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 VLMEVAL_PIN=ms-vlmeval==0.0.20
-EVAL_DEPS=(
-  pandas==3.1.1 tabulate==0.10.0 termcolor==3.3.0 sty==1.0.6 validators==0.36.0
-  huggingface_hub==2.4.0 requests==2.34.2 openai==3.54.0 portalocker==4.4.2 datasets==5.2.0
-  timeout-decorator==0.5.0 levenshtein==0.27.5 joblib==1.6.0 decord==0.6.0 jieba==0.42.1
-  nltk==3.10.4 rouge==1.0.1 math-verify==0.9.0 pylatexenc==2.11 opencv-python-headless==5.0.0.93
-  imageio==2.38.1 scipy==1.17.1 json_repair==0.64.5 num2words==0.5.14 scikit-learn==1.9.1
-  transformers==5.23.0 accelerate==1.15.0 qwen-vl-utils==0.0.14 pycocoevalcap==1.2
-)
-CORE_DEPS=(open_clip_torch safetensors pyyaml pytest)
+EXTRAS="${FUSION_VLM_EVAL_EXTRAS:-train,eval,dev}"   # train: DeepSpeed, wandb; dev: pytest
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -83,11 +79,30 @@ else
   "$PY" -m pip install --no-deps "$VLMEVAL_PIN"
 fi
 
-step "installing the eval dependencies"
-"$PY" -m pip install "${EVAL_DEPS[@]}" "${CORE_DEPS[@]}"
+step "installing fusion_vlm[$EXTRAS] (editable, with its core dependencies) from $REPO"
+"$PY" -m pip install -e "$REPO[$EXTRAS]"
 
-step "installing fusion_vlm (editable, no deps) from $REPO"
-"$PY" -m pip install --no-deps -e "$REPO"
+step "checking: every requirement of fusion_vlm[$EXTRAS] is installed"
+"$PY" - "$EXTRAS" <<'PY'
+import importlib.metadata as md, sys
+from packaging.requirements import Requirement
+extras = set(sys.argv[1].split(","))
+missing = []
+for spec in md.requires("fusion_vlm") or []:
+    req = Requirement(spec)
+    if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras):
+        continue
+    try:
+        version = md.version(req.name)
+    except md.PackageNotFoundError:
+        missing.append(f"{req} (not installed)")
+        continue
+    if not req.specifier.contains(version, prereleases=True):
+        missing.append(f"{req} (found {version})")
+if missing:
+    sys.exit("install_eval.sh: unmet requirements: " + "; ".join(missing))
+print("all requirements met")
+PY
 
 step "checking: import vlmeval (takes a few seconds)"
 PRED_FORMAT=tsv "$PY" - <<'PY'
@@ -99,4 +114,5 @@ assert ssl._create_default_https_context is before, "default SSL context not res
 from vlmeval.config import supported_VLM
 print(f"vlmeval OK ({len(supported_VLM)} models known) at {vlmeval.__file__}")
 PY
-step "done: run the eval tests with $VENV/bin/python -m pytest -m vlmeval tests/test_eval_vlmeval.py"
+step "done: $VENV runs every fusion-vlm command (train, demo, eval, sweep, fit, ...);
+run its tests with $VENV/bin/python -m pytest -m vlmeval tests/test_eval_vlmeval.py tests/test_eval_env_sweep_fit.py"

@@ -62,7 +62,7 @@ def test_clip_captions_are_the_description_then_each_answered_question(examples)
 def test_local_view_captions_name_the_objects_drawn_in_each_view(examples):
     """Independent of the caption's geometry: the pixel at each shape's centre, read out of the local view
     the caption puts it in, has the shape's colour; and clip_inputs adds one pair per non-empty view."""
-    processor = ViewProcessor(view_size=112, max_local_views=4)
+    processor = ViewProcessor(view_size=112, max_local_views=4, hd_rule="no_upsize")
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     checked = 0
     for ex in examples[:12]:

@@ -137,7 +137,7 @@ def test_glyphs_legible_in_local_views_only(train):
     n = 0
     for ex in train[:40]:
         w, h = ex.image.size
-        plan = plan_views(w, h, CFG.view_size, CFG.max_local_views)
+        plan = plan_views(w, h, CFG.view_size, CFG.max_local_views, CFG.hd_rule)
         local_scale, global_scale = plan.resized[0] / w, CFG.view_size / max(w, h)
         local = np.asarray(ex.image.resize(plan.resized, Image.BICUBIC)).min(axis=2)
         for o in ex.objects:

@@ -265,7 +265,8 @@ def test_vlmeval_mixin_prompt_and_batched_generation(tmp_path):
 
     stub = StubModel()
     m = Wrapped()
-    m._setup(tmp_path, n_queries=4, use_question=False, max_new_tokens=7, batch_size=2, model=stub)
+    m._setup(tmp_path, n_queries=4, use_question=False, max_new_tokens=7, batch_size=2, model=stub,
+             prompt_set="llava")
     m.dataset_types.update({"MyMCQ": "MCQ", "MyYN": "Y/N", "MyVQA": "MCQ"})
     assert m.use_custom_prompt("MyMCQ") and m.use_custom_prompt("MyYN") and not m.use_custom_prompt(None)
     msg = m.build_prompt({"index": 1, "question": "Colour?", "A": "red", "B": "blue"}, dataset="MyMCQ")

@@ -128,6 +128,7 @@ def test_eval_command_runs_vlmeval_inference_and_scoring(checkpoints, offline, t
         assert {"Bleu", "ROUGE_L", "CIDEr"} <= set(coco) and len(coco["Bleu"]) == 4
         ours = json.loads((d / "TinyMCQ.fusion_metrics.json").read_text())
         assert ours["entry"]["mode"] == mode and ours["entry"]["n_queries"] == 4
+        assert (ours["setup"]["mode"], ours["setup"]["n_queries"], ours["setup"]["max_new_tokens"]) == (mode, 4, 4)
         assert ours["metrics"]["Overall@TinyMCQ"] == pytest.approx(100 * mcq["Overall"].iloc[0])
     rows = _read_csv(work / "scores.csv")
     assert list(rows[0]) == ["metric", "mode", "n_queries", "score"]
@@ -187,14 +188,15 @@ def test_sweep_resumes_and_writes_tidy_csv(checkpoints, offline, tmp_path, capsy
     assert (out / "scores.csv").read_text() == before
 
 
-def test_oracle_answers_score_full_marks(checkpoints, offline, tmp_path, monkeypatch):
-    """Right answers in our prompt format get 100 from VLMEvalKit's scorers, in paper units (percent)."""
+@pytest.mark.parametrize("prompt_set", ["vlmeval", "llava"])
+def test_oracle_answers_score_full_marks(checkpoints, offline, tmp_path, monkeypatch, prompt_set):
+    """Right answers get 100 from VLMEvalKit's scorers with either prompt set, in paper units (percent)."""
     from fusion_vlm.evaluation.runner import Runner
 
-    def oracle(self, images, questions):
+    def oracle(self, images, questions, dataset=None, dataset_type=None):
         out = []
         for (q,) in questions:
-            if "Answer with the option's letter" in q:
+            if "\nA. " in q:  # a multiple-choice prompt of either set
                 out.append(["A"])
             else:
                 out.append(["Yes" if ("green" in q or "yellow" in q) else "No"])
@@ -204,7 +206,7 @@ def test_oracle_answers_score_full_marks(checkpoints, offline, tmp_path, monkeyp
     lmu, _ = offline
     work = tmp_path / "oracle"
     assert main(["eval", "--checkpoint", str(checkpoints[0]), "--data", "TinyPOPE", "TinyMCQ",
-                 "--work-dir", str(work), "--data-root", str(lmu)]) == 0
+                 "--work-dir", str(work), "--data-root", str(lmu), "--prompt-set", prompt_set]) == 0
     scores = {r["metric"]: float(r["score"]) for r in _read_csv(work / "scores.csv")}
     assert scores["Overall@TinyPOPE"] == 100.0 and scores["acc@TinyPOPE"] == 100.0
     assert scores["Overall@TinyMCQ"] == 100.0

@@ -10,8 +10,8 @@ from fusion_vlm.info import token_accounting
 
 
 @pytest.mark.parametrize("size, views, vision", [
-    ((1008, 1008), 10, 1450), ((336, 336), 2, 290), ((1920, 1080), 7, 1015), ((4000, 300), 10, 1450),
-    ((1, 1), 2, 290),
+    ((1008, 1008), 10, 1450), ((336, 336), 10, 1450), ((640, 480), 10, 1450), ((1920, 1080), 7, 1015),
+    ((4000, 300), 10, 1450), ((1, 1), 10, 1450),
 ])
 def test_paper_token_accounting(size, views, vision):
     acct = token_accounting(load_model_config("paper"), *size, n_questions=3)

@@ -96,7 +96,7 @@ def test_identity_loss_zero_for_orthonormal_and_hand_value():
     z = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # identical rows: gram = ones
     assert identity_loss([z]).item() == pytest.approx(0.5)  # (0,1,1,0)^2 / 4
     assert identity_loss([torch.zeros(0, 4)]).item() == 0.0
-    assert identity_loss([z, q.T]).item() == pytest.approx(0.25)
+    assert identity_loss([z, q.T], scope="group").item() == pytest.approx(0.25)  # per-group mean
 
 
 def test_generation_loss_and_shift():

@@ -164,7 +164,8 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_data, tmp_path):
              "optim.warmup_ratio=0.0", "optim.schedule=constant", "checkpoint.every=0"]
     losses = train(cfg_for("tiny_stage1", tiny_data, tmp_path / "fit1", *fixed, "max_steps=8",
                            "optim.lr=0.0003")).losses
-    assert min(losses[6], losses[7], losses[8]) < 0.5 * losses[1], losses
+    # half the early level (mean of steps 1-2: step 1 alone moves with the random init, 4.4 to 9.0 seen)
+    assert min(losses[6], losses[7], losses[8]) < 0.25 * (losses[1] + losses[2]), losses
     losses = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "fit2", *fixed, "init_from=null", "max_steps=20",
                            "optim.lr=0.003", "model_overrides=[llm.tiny.initializer_range=0.5]")).losses
     # 20 steps, not fewer: the early losses move with float summation order (one embedding lookup for all
@@ -190,7 +191,8 @@ def test_bad_records_are_skipped_and_counted(tiny_data, tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text("\n".join(lines) + "\n")
     cfg = cfg_for("tiny_stage2", tiny_data, tmp_path / "mixed", "init_from=null", f"data.files=[{f}]",
-                  f"data.image_root={tmp_path}", "data.max_skip_fraction=0.9", "epochs=1", "micro_batch_size=2",
+                  f"data.image_root={tmp_path}", "data.allow_outside_image_root=true", "data.max_skip_fraction=0.9",
+                  "epochs=1", "micro_batch_size=2",
                   "grad_accum=1", "checkpoint.every=0")
     result = train(cfg)
     assert result.stopped is None and result.final_dir is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import random
@@ -15,7 +16,17 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms.v2 import functional as TF
 
-from fusion_vlm.views import ImageError, ViewPlan, ViewProcessor, load_image, plan_views
+from fusion_vlm import views as views_module
+from fusion_vlm.views import ImageError, ViewPlan, load_image
+
+# This file tests the `no_upsize` rule (and image decoding); tests/test_views_reference.py tests the
+# paper's `reference` rule, the default.
+ViewProcessor = functools.partial(views_module.ViewProcessor, hd_rule="no_upsize")
+
+
+def plan_views(*args, **kwargs) -> ViewPlan:
+    """:func:`fusion_vlm.views.plan_views` with the no_upsize rule."""
+    return views_module.plan_views(*args, rule="no_upsize", **kwargs)
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])

@@ -12,7 +12,8 @@ file), so metrics on different scales (MME ~ 1500, BLEU-4 ~ 10) share one axis
 and +1.0 means "A beats B by the whole spread of scores seen in this
 comparison". A metric whose pooled range is 0 gets relative 0. Only N values
 present in both modes are compared. Positive (A better) is drawn green,
-negative red.
+negative red. The plots (:func:`fusion_vlm.analysis.plots.plot_mode_differences`)
+show ``diff`` by default, as the paper's figures do; ``relative`` is the option.
 """
 
 from __future__ import annotations

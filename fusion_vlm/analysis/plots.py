@@ -110,12 +110,16 @@ def plot_clusters(result, path, title: str | None = None, cols: int = 2) -> str:
     return _save(fig, path)
 
 
-def plot_mode_differences(diffs, path, mode_a: str, mode_b: str, relative: bool = True, cols: int = 2) -> str:
+def plot_mode_differences(diffs, path, mode_a: str, mode_b: str, relative: bool = False, cols: int = 2) -> str:
     """Horizontal bars per metric, one per N (top: smallest N, lighter shade = smaller N);
-    green = ``mode_a`` better, red = ``mode_b`` better. Metrics are split over ``cols`` panels.
+    green = ``mode_a`` better, red = ``mode_b`` better.
 
-    ``diffs``: list of ``compare.ModeDifference``; ``relative``: plot diff / pooled range in % (else raw).
-    The [min, max] of each metric's bars is written at the right of its group.
+    ``diffs``: list of ``compare.ModeDifference``. Default (``relative=False``, as the
+    paper's Figs. 11-12): the raw difference P_A - P_B in the metric's own units, one
+    panel per metric with its own axis (metrics differ in scale: MME ~ 1500, accuracy
+    ~ 0-100), laid out ``cols * 2`` panels wide. ``relative=True``: diff / pooled range in
+    %, all metrics on one shared axis split over ``cols`` panels. The [min, max] of each
+    metric's bars is written beside them.
     """
     from matplotlib.colors import to_rgba
 
@@ -124,6 +128,8 @@ def plot_mode_differences(diffs, path, mode_a: str, mode_b: str, relative: bool 
     plt = _plt()
     metrics = list(dict.fromkeys(d.metric for d in diffs))
     groups = {m: sorted((d for d in diffs if d.metric == m), key=lambda d: d.n_queries) for m in metrics}
+    if not relative:
+        return _raw_difference_panels(plt, groups, path, mode_a, mode_b, cols * 2)
     value = (lambda d: 100 * d.relative) if relative else (lambda d: d.diff)
     lim = max(abs(value(d)) for d in diffs) or 1.0
     cols = max(1, min(cols, len(metrics)))
@@ -154,6 +160,39 @@ def plot_mode_differences(diffs, path, mode_a: str, mode_b: str, relative: bool 
         ax.axis("off")
     fig.suptitle(f"{mode_a} vs {mode_b}: green = {mode_a} better, red = {mode_b} better "
                  f"(bars per metric: N ascending from top, lighter = smaller N)", fontsize=11)
+    return _save(fig, path)
+
+
+def _raw_difference_panels(plt, groups: dict, path, mode_a: str, mode_b: str, cols: int) -> str:
+    """One small bar panel per metric: P_A - P_B per N in the metric's units (see :func:`plot_mode_differences`)."""
+    from matplotlib.colors import to_rgba
+
+    from fusion_vlm.analysis.compare import bar_color
+
+    metrics = list(groups)
+    cols = max(1, min(cols, len(metrics)))
+    rows = math.ceil(len(metrics) / cols)
+    tallest = max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, (0.9 + 0.16 * tallest) * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax, m in zip(axes.flat, metrics):
+        g = groups[m]
+        vals = [d.diff for d in g]
+        shade = np.linspace(0.35, 1.0, len(g)) if len(g) > 1 else [1.0]
+        ax.barh(np.arange(len(g)), vals, height=0.85, color=[to_rgba(bar_color(v), s) for v, s in zip(vals, shade)])
+        ax.set_yticks(np.arange(len(g)))
+        ax.set_yticklabels([f"N={d.n_queries}" for d in g], fontsize=6)
+        ax.set_ylim(len(g) - 0.4, -0.6)
+        lim = max(abs(v) for v in vals) or 1.0
+        ax.set_xlim(-1.08 * lim, 1.08 * lim)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{m}  [{min(vals):+.3g}, {max(vals):+.3g}]", fontsize=8)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"{mode_a} − {mode_b} in each metric's units: green = {mode_a} better, red = {mode_b} better "
+                 f"(N ascending from top)", fontsize=10)
     return _save(fig, path)
 
 

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 
+from fusion_vlm.errors import CheckpointError, DataError, UsageError, user_input
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("divergence", help="branch-divergence estimate of a causal LM on DPO-style pairs")
@@ -39,17 +41,20 @@ def run(args) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--max-answer-tokens", args.max_answer_tokens),
                         ("--min-pairs", args.min_pairs)):
         if value < 1:
-            raise ValueError(f"{name} {value}: must be >= 1")
-    pairs = load_pairs(args.pairs, args.max_pairs)
+            raise UsageError(f"{name} {value}: must be >= 1")
+    with user_input(DataError):  # the messages name the pairs file
+        pairs = load_pairs(args.pairs, args.max_pairs)
     if not pairs:
-        raise ValueError(f"{args.pairs}: no pairs")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code)
+        raise DataError(f"{args.pairs}: no pairs")
+    with user_input(CheckpointError, f"model '{args.model}'"):
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code)
     curves = estimate_divergence(model, tokenizer, pairs, batch_size=args.batch_size,
                                  max_answer_tokens=args.max_answer_tokens, phi_one=args.phi_one,
                                  progress=not args.no_progress)
-    result = analyse(curves, ratio_value=args.ratio_threshold, phi_epsilon=args.phi_epsilon,
-                     delta_method=args.delta_method, min_pairs=args.min_pairs)
+    with user_input(DataError, args.pairs):  # e.g. no n reached by --min-pairs pairs, every answer empty
+        result = analyse(curves, ratio_value=args.ratio_threshold, phi_epsilon=args.phi_epsilon,
+                         delta_method=args.delta_method, min_pairs=args.min_pairs)
     phi_fit = None
     try:
         phi_fit = fit_phi_scaling([result["phi"]])

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 
+from fusion_vlm.errors import DataError, UsageError, user_input
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fit", help="scaling-law fits, clusters and mode comparisons of a score CSV")
@@ -17,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--clusters", type=int, default=4, help="K-means clusters per mode (default 4)")
     p.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
+    p.add_argument("--relative", action="store_true",
+                   help="draw the mode differences as %% of each metric's range over both modes, on one axis "
+                        "(default: raw differences P_A - P_B per metric, as the paper's Figs. 11-12)")
     p.set_defaults(func=run)
 
 
@@ -28,7 +33,7 @@ def parse_pairs(specs, modes: list[str]) -> list[tuple[str, str]]:
     for spec in specs:
         a, sep, b = spec.partition(":")
         if not sep or a not in modes or b not in modes or a == b:
-            raise ValueError(f"--compare {spec!r}: expected A:B with two different modes of {', '.join(modes)}")
+            raise UsageError(f"--compare {spec!r}: expected A:B with two different modes of {', '.join(modes)}")
         pairs.append((a, b))
     return pairs
 
@@ -65,12 +70,13 @@ def run(args) -> int:
     from fusion_vlm.analysis.compare import mode_differences, summarise
     from fusion_vlm.analysis.scaling import fit_all, group_curves, load_scores_csv
 
-    rows = load_scores_csv(args.csv)
+    with user_input(DataError):  # a missing or malformed score CSV (the messages name the file)
+        rows = load_scores_csv(args.csv)
     present = list(dict.fromkeys(r["mode"] for r in rows))
     modes = args.modes or present
     unknown = [m for m in modes if m not in present]
     if unknown:
-        raise ValueError(f"--modes {' '.join(unknown)}: not in {args.csv} (modes there: {', '.join(present)})")
+        raise UsageError(f"--modes {' '.join(unknown)}: not in {args.csv} (modes there: {', '.join(present)})")
     pairs = parse_pairs(args.compare, modes)
     os.makedirs(args.out, exist_ok=True)
 
@@ -112,6 +118,7 @@ def run(args) -> int:
                                          title=f"K-means clusters (k={args.clusters}) of normalised curves, "
                                                f"mode {mode}"))
         for (a, b), ds in diffs.items():
-            written.append(plot_mode_differences(ds, os.path.join(args.out, f"diff_{a}-{b}.png"), a, b))
+            written.append(plot_mode_differences(ds, os.path.join(args.out, f"diff_{a}-{b}.png"), a, b,
+                                                 relative=args.relative))
     print("wrote " + ", ".join(written))
     return 0

@@ -8,11 +8,21 @@ Batch: ``--input requests.jsonl --output answers.jsonl`` where every input line
 is ``{"image": PATH, "questions": [Q, ...]}``; every output line repeats it
 with ``"answers": [A, ...]``. Several questions of one image form one
 multi-turn conversation (N query slots for the first, N' for the later ones).
+A request whose image cannot be read gets an ``"error"`` field instead of
+``"answers"``; the others are still answered.
+
+Exit codes: 0 all answered; 2 bad input (one line on stderr naming it: a bad
+argument, checkpoint, requests file or the --image); 3 batch form only: some
+requests have an ``"error"`` field (the others were answered).
+
+A checkpoint whose LLM ships its own Python code is refused unless
+``--trust-remote-code`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +31,16 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+PARTIAL_FAILURE = 3  # exit code: some requests of --input have an "error" field
+
+
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the only way a loaded checkpoint's LLM may run its own Python code."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's LLM to run the Python code it ships (off by default; "
+                        "a checkpoint's config cannot turn it on)")
 
 
 def register(subparsers) -> None:
@@ -37,42 +57,57 @@ def register(subparsers) -> None:
     p.add_argument("--no-question", action="store_true",
                    help="drop the question from the fusion input (the vq / vq_ft modes)")
     add_generation_arguments(p)
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from fusion_vlm.evaluation.runner import GenerationSettings, Runner, answer_file, read_requests
+    import json
+    from pathlib import Path
+
+    from fusion_vlm.errors import MissingFileError, UsageError, user_input
+    from fusion_vlm.evaluation.runner import GenerationSettings, Runner, answer_requests, read_requests
+    from fusion_vlm.images import load_image
 
     if bool(args.image) == bool(args.input):
-        raise ValueError("give either --image with --question, or --input JSONL")
+        raise UsageError("give either --image with --question, or --input JSONL")
     if args.image and not args.question:
-        raise ValueError("--image needs at least one --question")
+        raise UsageError("--image needs at least one --question")
     if args.input and args.question:
-        raise ValueError("--question goes with --image; put the questions of --input in its JSONL lines")
+        raise UsageError("--question goes with --image; put the questions of --input in its JSONL lines")
+    image = None
     if args.image:
-        from pathlib import Path
-
         if not Path(args.image).is_file():
-            raise FileNotFoundError(f"image not found: {args.image}")
+            raise MissingFileError(f"image not found: {args.image}")
+        image = load_image(args.image)  # a bad image fails here, before the model is loaded
     else:
         list(read_requests(args.input))  # validate before loading the model
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
     settings = GenerationSettings(n_queries=args.n_queries, n_queries_later=args.n_queries_later,
                                   use_question=not args.no_question, max_new_tokens=args.max_new_tokens,
                                   do_sample=args.do_sample, batch_size=args.batch_size)
-    runner = Runner(args.checkpoint, settings, device=args.device)
-    if args.image:
-        answers = runner.answer([args.image], [args.question])[0]
+    runner = Runner(args.checkpoint, settings, device=args.device, trust_remote_code=args.trust_remote_code)
+    with user_input(UsageError):  # --n-queries / --n-queries-later out of the checkpoint's range
+        runner.model.processor.resolve(args.n_queries, args.n_queries_later, not args.no_question)
+    if image is not None:
+        answers = runner.answer([runner.load_image(image)], [args.question])[0]
         for q, a in zip(args.question, answers):
             print(f"Q: {q}\nA: {a}")
         return 0
+    records = answer_requests(runner, args.input)
+    lines = [json.dumps(rec, ensure_ascii=False) for rec in records]
     if args.output:
-        n = answer_file(runner, args.input, args.output)
-        print(f"wrote {n} answers to {args.output}")
-        return 0
-    import json
-
-    records = [rec for _, rec in read_requests(args.input)]
-    answers = runner.answer([r["image"] for r in records], [r["questions"] for r in records])
-    for rec, ans in zip(records, answers):
-        print(json.dumps({**rec, "answers": ans}, ensure_ascii=False))
-    return 0
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+    failed = [rec for rec in records if "error" in rec]
+    if args.output:
+        print(f"wrote {len(records)} records to {args.output} ({len(records) - len(failed)} answered, "
+              f"{len(failed)} with an error)")
+    for rec in failed:
+        print(f"fusion-vlm generate: error: {rec['error']}", file=sys.stderr)
+    return PARTIAL_FAILURE if failed else 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from fusion_vlm.errors import ConfigError, UsageError, user_input
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameter counts and token accounting of a model config")
@@ -24,7 +26,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'1920x1080' -> (1920, 1080); raises ValueError naming the input."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
-        raise ValueError(f"--image-size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 1008x1008")
+        raise UsageError(f"--image-size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 1008x1008")
     return int(parts[0]), int(parts[1])
 
 
@@ -33,7 +35,10 @@ def run(args) -> int:
     from fusion_vlm.info import as_dict, parameter_counts, prompt_length, token_accounting
 
     width, height = parse_size(args.image_size)
-    cfg = load_model_config(args.config, args.overrides)
+    if args.questions < 1:
+        raise UsageError(f"--questions {args.questions}: must be >= 1")
+    with user_input(ConfigError):  # a missing preset / YAML file or a bad --set
+        cfg = load_model_config(args.config, args.overrides)
     acct = token_accounting(cfg, width, height, args.questions)
     params = None
     if not args.no_params:
@@ -42,6 +47,11 @@ def run(args) -> int:
         model = FusionVLM(cfg, device=args.device)
         params = parameter_counts(model)
         acct.llm_prompt_tokens = prompt_length(model, acct)
+    if args.llm:
+        from fusion_vlm.tokens import cost
+
+        with user_input(UsageError, "--llm"):
+            cost.load_llm_config(args.llm)
     costs = _costs(cfg, acct, args.llm) if args.llm else None
     if args.json:
         print(json.dumps({"config": args.config, "tokens": as_dict(acct), "parameters": params, "cost": costs},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from fusion_vlm.errors import ConfigError, UsageError, user_input
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("memory", help="estimate per-GPU training memory (weights, grads, optimizer, "
@@ -28,9 +30,17 @@ def run(args) -> int:
     from fusion_vlm.training.config import load_train_config
     from fusion_vlm.training.memory import estimate_memory, format_estimate
 
-    tcfg = load_train_config(args.config, args.overrides)
-    overrides = [o for o in tcfg.model_overrides_all() if not o.startswith(("vision.grad", "fusion.grad", "llm.grad"))]
-    mcfg = load_model_config(args.model or tcfg.model, overrides)
+    for flag, value in (("--gpus", args.gpus), ("--micro-batch", args.micro_batch), ("--llm-tokens", args.llm_tokens),
+                        ("--questions", args.questions)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
+    with user_input(ConfigError):  # a missing preset / YAML file or a bad --set
+        tcfg = load_train_config(args.config, args.overrides)
+        overrides = [o for o in tcfg.model_overrides_all()
+                     if not o.startswith(("vision.grad", "fusion.grad", "llm.grad"))]
+        if tcfg.stage == "generation":  # as the training loop builds it (stage 1 follows llm.load)
+            overrides.append("llm.load=true")
+        mcfg = load_model_config(args.model or tcfg.model, overrides)
     zero = args.zero if args.zero is not None else (tcfg.engine.zero_stage if tcfg.engine.zero_stage is not None else 2)
     est = estimate_memory(mcfg, tcfg, args.micro_batch, zero, args.gpus, not args.no_grad_checkpointing,
                           n_questions=args.questions, llm_tokens=args.llm_tokens)

@@ -7,7 +7,10 @@
 ``--ft-checkpoint`` the one fine-tuned without the question (mode vq_ft); a
 bare DIR takes N from its config.yaml. Finished cells are skipped on rerun.
 The CSV (default <out>/scores.csv) has the columns metric,mode,n_queries,score
-of paper_appendix_scores.csv, ready for ``fusion-vlm fit --csv``.
+of paper_appendix_scores.csv, ready for ``fusion-vlm fit --csv``; the set-up of
+every cell (prompt set, max_new_tokens, judge, batch size, seed, N, mode,
+package versions) is in its cell file and in <csv stem>.setup.json. Prompts and
+answer lengths default to the authors' (see ``fusion-vlm eval --help``).
 Needs the eval extra (``bash scripts/install_eval.sh``).
 """
 
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-from fusion_vlm.commands.eval import parse_judge_args
-from fusion_vlm.commands.generate import add_generation_arguments
+from fusion_vlm.commands.eval import add_eval_generation_arguments, generation_options, parse_judge_args
+from fusion_vlm.commands.generate import add_trust_argument
+from fusion_vlm.errors import UsageError, user_input
 
 
 def register(subparsers) -> None:
@@ -33,20 +37,24 @@ def register(subparsers) -> None:
     p.add_argument("--judge", default="exact_matching", help="VLMEvalKit judge (default exact_matching)")
     p.add_argument("--judge-args", default=None, help="JSON object of extra judge kwargs")
     p.add_argument("--nproc", type=int, default=1, help="judge worker processes (default 1)")
-    add_generation_arguments(p)
+    add_eval_generation_arguments(p)
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import sys
 
-    from fusion_vlm.evaluation.sweep import parse_checkpoints, plan_cells, run_sweep
+    from fusion_vlm.evaluation.sweep import check_done_cells, parse_checkpoints, plan_cells, run_sweep
 
-    checkpoints = parse_checkpoints(args.checkpoint)
-    ft = parse_checkpoints(args.ft_checkpoint)
-    modes = args.mode or (["vqq", "vq_ft", "vq"] if ft else ["vqq", "vq"])
-    cells = plan_cells(checkpoints, args.data, modes, ft)
+    with user_input(UsageError):  # N=DIR specs, modes and dataset names
+        checkpoints = parse_checkpoints(args.checkpoint)
+        ft = parse_checkpoints(args.ft_checkpoint)
+        modes = args.mode or (["vqq", "vq_ft", "vq"] if ft else ["vqq", "vq"])
+        cells = plan_cells(checkpoints, args.data, modes, ft)
     judge_kwargs = parse_judge_args(args.judge_args)
+    options = generation_options(args)
+    check_done_cells(args.out, cells, args.prompt_set, args.max_new_tokens, args.do_sample)
     try:
         from fusion_vlm.evaluation.registry import cell_evaluator, import_vlmeval
 
@@ -56,6 +64,6 @@ def run(args) -> int:
         return 2
     evaluate = cell_evaluator(judge=args.judge, judge_kwargs=judge_kwargs, nproc=args.nproc,
                               data_root=args.data_root, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, device=args.device)
+                              trust_remote_code=args.trust_remote_code, **options)
     run_sweep(args.out, cells, evaluate, csv_path=args.csv)
     return 0

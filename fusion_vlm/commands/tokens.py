@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from fusion_vlm.errors import UsageError, user_input
 from fusion_vlm.tokens import cost
 from fusion_vlm.tokens.calculator import count_visual_tokens, list_models, model_knobs, parse_size
 
@@ -70,7 +71,7 @@ def _check_args(args) -> list[str]:
     for flag, val in (("--n-queries", args.n_queries), ("--questions", args.questions),
                       ("--n-later", 1 if args.n_later is None else args.n_later)):
         if val < 1:
-            raise ValueError(f"{flag} must be >= 1, got {val}")
+            raise UsageError(f"{flag} must be >= 1, got {val}")
     return names
 
 
@@ -114,12 +115,16 @@ def _table(rows, width, height, llm, args) -> str:
 
 
 def run(args) -> int:
-    """Print the table (or JSON) for ``args.size``; returns 0. Bad input raises ValueError."""
-    width, height = parse_size(args.size)
-    llm = cost.load_llm_config(args.llm) if args.llm else None
+    """Print the table (or JSON) for ``args.size``; returns 0. Bad input raises UsageError."""
+    with user_input(UsageError, "--size"):
+        width, height = parse_size(args.size)
+    with user_input(UsageError, "--llm"):
+        llm = cost.load_llm_config(args.llm) if args.llm else None
     if llm is not None:
-        cost.kv_cache_bytes(llm, 0, args.kv_dtype)  # validates the dtype before any output
-    names = _check_args(args)
+        with user_input(UsageError, "--kv-dtype"):
+            cost.kv_cache_bytes(llm, 0, args.kv_dtype)  # validates the dtype before any output
+    with user_input(UsageError, "--model"):
+        names = _check_args(args)
     rows = _rows(args, names, width, height, llm)
     fusion = _fusion_summary(args, rows, llm)
     if args.json:

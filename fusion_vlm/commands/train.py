@@ -60,11 +60,16 @@ def run(args) -> int:
     from fusion_vlm.training.data import TooManySkipped
     from fusion_vlm.training.loop import NonFiniteLossError, train
 
-    cfg = load_train_config(args.config, overrides_from_args(args))
+    from fusion_vlm.errors import ConfigError, DataError, UserError, user_input
+
+    with user_input(ConfigError):  # a missing preset / YAML file or a bad --set
+        cfg = load_train_config(args.config, overrides_from_args(args))
     try:
         result = train(cfg)
-    except (TooManySkipped, NonFiniteLossError) as err:
-        raise ValueError(str(err)) from None
+    except TooManySkipped as err:  # the data: one line, no traceback
+        raise DataError(str(err)) from None
+    except NonFiniteLossError as err:  # the run diverged (learning rate, data): one line, no traceback
+        raise UserError(str(err)) from None
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"steps": result.steps, "stopped": result.stopped, "skips": result.skips,
                           "nonfinite_steps": result.nonfinite_steps,

@@ -16,15 +16,19 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
+    from fusion_vlm.config import load_model_config
     from fusion_vlm.demo_image import synthetic_image
+    from fusion_vlm.errors import ConfigError, user_input
     from fusion_vlm.info import parameter_counts, token_accounting
     from fusion_vlm.model import FusionVLM
     from fusion_vlm.views import load_image
 
     torch.manual_seed(args.seed)
     questions = args.question or ["What colour is the square in the top left?", "How many shapes are there?"]
-    model = FusionVLM.from_config(args.config).eval()
-    image = load_image(args.image, model.config.views.max_image_pixels) if args.image else synthetic_image()
+    with user_input(ConfigError):  # a missing preset / YAML file
+        cfg = load_model_config(args.config)
+    image = load_image(args.image, cfg.views.max_image_pixels) if args.image else synthetic_image()
+    model = FusionVLM.from_config(cfg).eval()
     views, plan = model.processor.views(image)
     acct = token_accounting(model.config, image.width, image.height, len(questions))
     print(f"image {image.width}x{image.height} -> {plan.rows}x{plan.cols} local views + 1 global = "

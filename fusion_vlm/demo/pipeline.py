@@ -63,7 +63,7 @@ SIZES = {
 # The tiny preset, widened a little so that a 2-core CPU can learn the world within the time budget; HD-4 views.
 # Stage 1 with the stage-0 CLIP text tower frozen (the answers' embeddings act as fixed class prototypes)
 # and identical answers as positives: the one stage-1 set-up whose features reached the LLM (docs/demo.md).
-MODEL_OVERRIDES = ["views.max_local_views=4", "fusion.hidden_size=96", "fusion.num_layers=3", "fusion.num_heads=4",
+MODEL_OVERRIDES = ["views.max_local_views=4", "views.hd_rule=no_upsize", "fusion.hidden_size=96", "fusion.num_layers=3", "fusion.num_heads=4",
                    "fusion.num_kv_heads=4", "fusion.intermediate_size=192", "loss.freeze_text_encoder=true",
                    "loss.same_answer_positive=true"]
 

@@ -114,9 +114,10 @@ def image_size(rng: np.random.Generator, min_side: int, max_side: int, min_long:
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def glyph_cap_height(width: int, height: int, local_px: float, view_size: int, max_local_views: int) -> float:
+def glyph_cap_height(width: int, height: int, local_px: float, view_size: int, max_local_views: int,
+                     hd_rule: str = "no_upsize") -> float:
     """Image-pixel capital height that becomes ``local_px`` pixels in the image's HD local views."""
-    plan = plan_views(width, height, view_size, max_local_views)
+    plan = plan_views(width, height, view_size, max_local_views, hd_rule)
     return local_px * width / plan.resized[0]
 
 

@@ -113,7 +113,8 @@ def local_view_captions(example: Example, plan: ViewPlan) -> list[str | None]:
     return [", ".join(names) or None for names in cells]
 
 
-def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64, max_local_views: int = 1):
+def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64, max_local_views: int = 1,
+                hd_rule: str = "no_upsize"):
     """CLIP training pairs: (images float [n, 3, S, S], texts: one long [k_i, C] per image).
 
     Each example gives its global view with the tokens of its :func:`captions`; with ``max_local_views``
@@ -121,7 +122,7 @@ def clip_inputs(examples: list[Example], view_size: int = 112, context_length: i
     (k_i = 1). In a local view a shape spans several patches, where in the global view of a wide image
     it is about one: the stand-in then sees shapes, as a CLIP pretrained at many scales does.
     """
-    views = ViewProcessor(view_size=view_size, max_local_views=max_local_views)
+    views = ViewProcessor(view_size=view_size, max_local_views=max_local_views, hd_rule=hd_rule)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     images, texts = [], []
     for ex in examples:
@@ -138,7 +139,7 @@ def clip_inputs(examples: list[Example], view_size: int = 112, context_length: i
 
 def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, batch_size: int = 64,
                lr: float = 1e-3, seed: int = 0, description_prob: float = 0.5, max_local_views: int = 1,
-               progress: bool = True) -> dict:
+               hd_rule: str = "no_upsize", progress: bool = True) -> dict:
     """Train the tiny CLIP on (view, caption) pairs of :func:`clip_inputs`; save its state dict to ``out_path``.
 
     A caption is the image's description with probability ``description_prob``, else one of its
@@ -157,7 +158,8 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     cfg = clip_config()
     torch.manual_seed(seed)
     model = build_clip(cfg.vision, cfg.views.view_size)
-    images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, max_local_views)
+    images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, max_local_views,
+                                hd_rule)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr,
@@ -223,7 +225,8 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
     world = world or WorldConfig(seed=seed)
     clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
-                      max_local_views=world.max_local_views, progress=progress)
+                      max_local_views=world.max_local_views, hd_rule=world.hd_rule,
+                      progress=progress)
     from fusion_vlm.demo.text_llm import train_text_llm
 
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,

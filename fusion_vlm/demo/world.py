@@ -70,6 +70,7 @@ class WorldConfig:
     colour_jitter: int = 12  # +- per channel around the palette colour
     view_size: int = 112  # the model's view size (only used to size glyphs)
     max_local_views: int = 9
+    hd_rule: str = "no_upsize"  # view rule the glyphs are sized for (the demo's images are drawn at view scale)
     glyph_local_px: float = 16.0  # glyph capital height in local-view pixels
 
 
@@ -151,7 +152,8 @@ def _sample_scene(rng: np.random.Generator, cfg: WorldConfig, split: str, w: int
         for k in range(min(cfg.test_min_heldout, n_shapes)):
             if sum(p in cfg.heldout for p in chosen) < cfg.test_min_heldout:
                 chosen[k] = held[int(rng.integers(len(held)))]
-    cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views)
+    cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views,
+                                   cfg.hd_rule)
     objects = []
     for i, region in enumerate(regions):
         x0, y0, x1, y1 = render.cell_box(region, w, h)
@@ -254,7 +256,8 @@ def make_example(split: str, index: int, cfg: WorldConfig = WorldConfig()) -> Ex
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
     w, h = render.image_size(rng, cfg.min_side, cfg.max_side, cfg.min_long, cfg.max_aspect)
     objects = _sample_scene(rng, cfg, split, w, h)
-    cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views)
+    cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views,
+                                   cfg.hd_rule)
     image = render.draw_scene(rng, w, h, objects, cap, cfg.colour_jitter)
     return Example(f"{split}-{index:05d}", image, _questions(rng, cfg, split, objects, index), objects)
 

@@ -2,7 +2,8 @@
 
 Pure modules (no VLMEvalKit import): :mod:`.prompts` (prompt per benchmark kind),
 :mod:`.messages` (VLMEvalKit message -> image + question), :mod:`.results`
-(VLMEvalKit scores -> paper metric names), :mod:`.sweep` (cells, resume, tidy CSV),
+(VLMEvalKit scores -> paper metric names), :mod:`.settings` (answer length per
+benchmark, the recorded set-up), :mod:`.sweep` (cells, resume, tidy CSV),
 :mod:`.runner` (checkpoint inference). VLMEvalKit is imported lazily by
 :mod:`.registry` and :mod:`.vlmeval_model` only.
 """

@@ -13,9 +13,11 @@ text value is a string. FusionVLM answers questions about one image, so:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 from PIL import Image
+
+from fusion_vlm.images import DEFAULT_MAX_PIXELS
+from fusion_vlm.images import load_image as decode_image
 
 MULTI_IMAGE_POLICIES = ("concat", "first", "error")
 
@@ -38,15 +40,14 @@ def split_message(message: Iterable[Mapping]) -> tuple[list, str]:
     return images, "\n".join(t.strip() for t in texts if t.strip())
 
 
-def load_image(value) -> Image.Image:
-    """Open an image given as a PIL image or a path, converted to RGB."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as img:
-        return img.convert("RGB")
+def load_image(value, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image given as a path, bytes or PIL image to 8-bit RGB, exactly as training does.
+
+    Goes through :func:`fusion_vlm.images.load_image` (EXIF rotation, alpha over
+    white, 16-bit and float scaling); raises ``ImageError`` / ``MissingFileError``
+    in one line naming the image.
+    """
+    return decode_image(value, max_pixels=max_pixels)
 
 
 def concat_images(images: list[Image.Image], gap: int = 0) -> Image.Image:

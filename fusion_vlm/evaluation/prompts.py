@@ -1,16 +1,23 @@
-"""Evaluation prompts, one template per benchmark kind (pure: no VLMEvalKit import).
+"""Evaluation prompts: the prompt sets and the LLaVA-style templates (pure: no VLMEvalKit import).
+
+Two prompt sets (:data:`PROMPT_SETS`):
+
+* ``vlmeval`` (the default, as in the authors' evaluation): VLMEvalKit's own
+  ``dataset.build_prompt`` for every benchmark, no suffix added by us -- e.g.
+  ``[Hint: ..\n]Question: ..\nOptions:\nA. ..\nPlease select the correct
+  answer from the options above.`` for multiple choice, the bare question for
+  yes/no, the question plus VLMEvalKit's short-answer line for its VQA sets;
+* ``llava``: the LLaVA-1.5 evaluation suffixes below (one template per
+  benchmark kind), which ask for a bare ``Yes``/``No``, option letter or
+  short phrase.
 
 The paper (Appendix F) shows two free-form prompts verbatim, kept here as
-:data:`DESCRIBE_PROMPT` and :data:`READ_TEXT_PROMPT`. For the scored benchmark
-kinds it gives no wording, so the LLaVA-1.5 evaluation suffixes are used (the
-same frozen Llama-2 chat backbone family): they ask for a bare ``Yes``/``No``,
-a bare option letter, or a single word or phrase, which is what VLMEvalKit's
-exact-matching scorers expect.
+:data:`DESCRIBE_PROMPT` and :data:`READ_TEXT_PROMPT`. The ``llava`` templates:
 
-    yorn:    "<question>\\nPlease answer yes or no."
-    mcq:     "[Hint: <hint>\\n]<question>\\nA. <opt>\\nB. <opt>...\\n"
+    yorn:    "<question>\nPlease answer yes or no."
+    mcq:     "[Hint: <hint>\n]<question>\nA. <opt>\nB. <opt>...\n"
              "Answer with the option's letter from the given choices directly."
-    vqa:     "<question>\\nAnswer the question using a single word or phrase."
+    vqa:     "<question>\nAnswer the question using a single word or phrase."
     caption: the benchmark's own question, else DESCRIBE_PROMPT.
 """
 
@@ -20,6 +27,8 @@ import math
 import string
 from collections.abc import Mapping
 
+from fusion_vlm.errors import DataError, UsageError
+
 DESCRIBE_PROMPT = "Please describe the image in full detail."  # Appendix F, demonstration 1
 READ_TEXT_PROMPT = "Please read all text from the image."  # Appendix F, demonstration 2
 YORN_SUFFIX = "Please answer yes or no."
@@ -27,6 +36,16 @@ MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 
 KINDS = ("yorn", "mcq", "vqa", "caption")
+PROMPT_SETS = ("vlmeval", "llava")  # VLMEvalKit's dataset prompts | LLaVA-1.5 suffixes
+DEFAULT_PROMPT_SET = "vlmeval"
+
+
+def check_prompt_set(name: str) -> str:
+    """``name`` if it is one of :data:`PROMPT_SETS`, else a one-line ``UsageError`` (a ``ValueError``)."""
+    if name not in PROMPT_SETS:
+        raise UsageError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)}")
+    return name
+
 
 # The 15 benchmarks of the paper (DESIGN.md section 5) by kind, for use when no
 # VLMEvalKit dataset object (and so no TYPE) is at hand.
@@ -79,7 +98,7 @@ def options_of(record: Mapping) -> dict[str, str]:
 def mcq_prompt(question: str, options: Mapping[str, str], hint: str | None = None) -> str:
     """A multiple-choice prompt: optional hint, the question, one ``X. text`` line per option, the suffix."""
     if not options:
-        raise ValueError(f"multiple-choice question has no options: {question[:60]!r}")
+        raise DataError(f"multiple-choice question has no options: {question[:60]!r}")
     lines = []
     if _present(hint):
         lines.append(f"Hint: {str(hint).strip()}")
@@ -123,7 +142,7 @@ def build_prompt(kind: str, record: Mapping) -> str:
     if kind == "caption":
         return caption_prompt(question)
     if not _present(question):
-        raise ValueError(f"benchmark record {record.get('index', '?')!r} has no question")
+        raise DataError(f"benchmark record {record.get('index', '?')!r} has no question")
     question = str(question)
     if kind == "yorn":
         return yorn_prompt(question)

@@ -6,7 +6,8 @@ to ``vlmeval.config.supported_VLM`` under a name per checkpoint x N x mode, and
 :func:`run_eval` calls VLMEvalKit's own ``build_dataset``, ``infer_data_job``
 and ``dataset.evaluate`` for each (entry, dataset), with exact matching as the
 default judge, so no API key is needed. Unlike ``vlmeval.run.main``, a failure
-is raised, not logged and swallowed.
+is raised, not logged and swallowed. Every result is written with its set-up
+(:func:`fusion_vlm.evaluation.settings.eval_setup`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fusion_vlm.errors import MissingFileError, UsageError
 from fusion_vlm.evaluation.prompts import dataset_kind
 from fusion_vlm.evaluation.results import extract_metrics
+from fusion_vlm.evaluation.settings import EvalResult, eval_setup
 
 MODES = ("vqq", "vq_ft", "vq")
 INSTALL_HINT = "install the eval extra: bash scripts/install_eval.sh (see docs/evaluation.md)"
@@ -51,7 +54,7 @@ class ModelEntry:
     checkpoint: str
     mode: str
     n_queries: int | None = None  # None = the checkpoint's own N
-    options: dict = field(default_factory=dict, compare=False)  # max_new_tokens, batch_size, device, ...
+    options: dict = field(default_factory=dict, compare=False)  # max_new_tokens, prompt_set, batch_size, seed, ...
 
     @property
     def use_question(self) -> bool:
@@ -73,16 +76,16 @@ def grid_entries(checkpoints: Iterable[str | Path], n_values: Iterable[int | Non
     entries, seen = [], set()
     for ckpt in checkpoints:
         if not (Path(ckpt) / "config.yaml").is_file():
-            raise FileNotFoundError(f"checkpoint '{ckpt}': no config.yaml (not a FusionVLM checkpoint)")
+            raise MissingFileError(f"checkpoint '{ckpt}': no config.yaml (not a FusionVLM checkpoint)")
         for n in n_values:
             if n is not None and n < 1:
-                raise ValueError(f"n_queries={n}: must be >= 1")
+                raise UsageError(f"n_queries={n}: must be >= 1")
             for mode in modes:
                 if mode not in MODES:
-                    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+                    raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
                 name = entry_name(ckpt, n, mode)
                 if name in seen:
-                    raise ValueError(f"two checkpoints give the same model name {name}; rename one directory")
+                    raise UsageError(f"two checkpoints give the same model name {name}; rename one directory")
                 seen.add(name)
                 entries.append(ModelEntry(name, str(ckpt), mode, n, dict(options)))
     return entries
@@ -131,22 +134,25 @@ def _prefill(model, dataset, pred_root: Path, model_name: str, batch_size: int, 
 def run_eval(entries: list[ModelEntry], datasets: list[str], work_dir: str | Path, judge: str = "exact_matching",
              judge_kwargs: dict | None = None, nproc: int = 1, data_root: str | Path | None = None,
              batch_size: int = 8, log: Callable[[str], None] = print,
-             model_cache: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Run every dataset for every entry; returns ``{model name: {dataset: {"metric@Bench": score}}}``.
+             model_cache: dict | None = None) -> dict[str, dict[str, EvalResult]]:
+    """Run every dataset for every entry; returns ``{model name: {dataset: EvalResult}}``.
 
-    Predictions and VLMEvalKit's score files go to ``<work_dir>/<model name>/``
-    (``<model>_<dataset>.tsv``, ``..._score.csv`` / ``..._acc.csv`` ...), and our
-    summary to ``<work_dir>/<model name>/<dataset>.fusion_metrics.json``.
+    An :class:`EvalResult` holds ``metrics`` (``{"metric@Bench": score}``) and
+    ``setup`` (prompt set, max_new_tokens used, judge, batch size, seed, N, mode,
+    package versions). Predictions and VLMEvalKit's score files go to
+    ``<work_dir>/<model name>/`` (``<model>_<dataset>.tsv``, ``..._score.csv`` /
+    ``..._acc.csv`` ...), and our summary (entry, setup, metrics) to
+    ``<work_dir>/<model name>/<dataset>.fusion_metrics.json``.
     ``data_root`` becomes ``$LMUData`` (it must exist). ``batch_size > 1`` runs
     batched inference; 1 leaves inference to VLMEvalKit's per-sample loop.
     ``model_cache`` (name -> loaded model) lets a caller keep models across calls.
     """
     if not datasets:
-        raise ValueError("no datasets given")
+        raise UsageError("no datasets given")
     env = {"PRED_FORMAT": os.environ.get("PRED_FORMAT") or "tsv"}  # VLMEvalKit's xlsx default needs xlsxwriter
     if data_root is not None:
         if not Path(data_root).is_dir():
-            raise FileNotFoundError(f"LMUData folder not found: {data_root}")
+            raise MissingFileError(f"LMUData folder not found: {data_root}")
         env["LMUData"] = str(Path(data_root).resolve())
     with _environ(env):
         return _run_eval(entries, datasets, Path(work_dir), judge, judge_kwargs, nproc, batch_size, log,
@@ -175,7 +181,7 @@ def _run_eval(entries, datasets, work_dir: Path, judge, judge_kwargs, nproc, bat
     from vlmeval.inference import infer_data_job
     from vlmeval.smp import get_pred_file_path
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, EvalResult]] = {}
     for name in names:
         model = cache.get(name)
         pred_root = work_dir / name
@@ -183,35 +189,73 @@ def _run_eval(entries, datasets, work_dir: Path, judge, judge_kwargs, nproc, bat
         for ds_name in datasets:
             dataset = build_dataset(ds_name)
             if dataset is None:
-                raise FileNotFoundError(f"dataset {ds_name}: VLMEvalKit could not build it "
+                raise MissingFileError(f"dataset {ds_name}: VLMEvalKit could not build it "
                                         f"(no {os.environ.get('LMUData', '~/LMUData')}/{ds_name}.tsv?)")
             if getattr(dataset, "MODALITY", "IMAGE") != "IMAGE" or dataset.TYPE == "MT":
-                raise ValueError(f"dataset {ds_name}: {dataset.MODALITY} / {dataset.TYPE} benchmarks are not "
+                raise UsageError(f"dataset {ds_name}: {dataset.MODALITY} / {dataset.TYPE} benchmarks are not "
                                  f"supported (single-turn image benchmarks only)")
             if model is None:
                 model = cache[name] = supported_VLM[name]()
             model.dataset_types[ds_name] = dataset.TYPE
+            entry = next(e for e in entries if e.name == name)
+            setup = entry_setup(entry, model, ds_name, dataset.TYPE, judge, judge_kwargs, batch_size)
+            pred_file = get_pred_file_path(str(pred_root), name, ds_name, use_env_format=True)
+            summary = pred_root / f"{ds_name}.fusion_metrics.json"
+            check_reuse(summary, Path(pred_file), setup)
             if batch_size > 1:
                 _prefill(model, dataset, pred_root, name, batch_size, log)
             model = infer_data_job(model, work_dir=str(pred_root), model_name=name, dataset=dataset)
-            pred_file = get_pred_file_path(str(pred_root), name, ds_name, use_env_format=True)
             kwargs = {"nproc": nproc, "verbose": False, "retry": 3, **(judge_kwargs or {}), "model": judge}
             result = dataset.evaluate(pred_file, **kwargs)
             if result is None:
                 raise RuntimeError(f"{name} x {ds_name}: VLMEvalKit's evaluate returned nothing")
             metrics = extract_metrics(ds_name, result, dataset_kind(dataset.TYPE, ds_name))
-            entry = next(e for e in entries if e.name == name)
-            (pred_root / f"{ds_name}.fusion_metrics.json").write_text(json.dumps(
-                {"entry": asdict(entry), "metrics": metrics}, indent=1))
+            summary.write_text(json.dumps({"entry": asdict(entry), "setup": setup, "metrics": metrics}, indent=1))
             log(f"eval: {name} {ds_name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-            results.setdefault(name, {})[ds_name] = metrics
+            results.setdefault(name, {})[ds_name] = EvalResult(metrics, setup)
     return results
+
+
+GENERATION_KEYS = ("prompt_set", "max_new_tokens", "n_queries", "use_question", "do_sample", "multi_image")
+
+
+def check_reuse(summary: Path, pred_file: Path, setup: dict) -> None:
+    """Refuse to reuse a prediction file made with other generation settings (VLMEvalKit would, silently).
+
+    ``summary`` is the ``<dataset>.fusion_metrics.json`` of the earlier run; without it nothing is checked.
+    """
+    if not (pred_file.exists() and summary.is_file()):
+        return
+    try:
+        before = json.loads(summary.read_text()).get("setup") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return
+    diff = [f"{k} {before[k]!r} -> {setup.get(k)!r}" for k in GENERATION_KEYS
+            if k in before and before[k] != setup.get(k)]
+    if diff:
+        raise UsageError(f"{pred_file} was generated with other settings ({'; '.join(diff)}); "
+                         f"use a new work dir or delete it")
+
+
+def entry_setup(entry: ModelEntry, model, dataset: str, dataset_type: str | None, judge: str | None,
+                judge_kwargs: dict | None, batch_size: int) -> dict:
+    """The set-up record of ``entry`` on ``dataset`` (see :func:`fusion_vlm.evaluation.settings.eval_setup`).
+
+    ``model`` is the loaded VLMEvalKit model (its runner knows N when the entry leaves it to the checkpoint).
+    """
+    s = model.runner.settings
+    return eval_setup(mode=entry.mode, n_queries=model.runner.n_queries_used(), checkpoint=entry.checkpoint,
+                      dataset=dataset, dataset_type=dataset_type, prompt_set=model.prompt_set,
+                      max_new_tokens=s.max_new_tokens, judge=judge, judge_kwargs=judge_kwargs,
+                      batch_size=batch_size, seed=s.seed, do_sample=s.do_sample,
+                      n_queries_later=s.n_queries_later, use_question=s.use_question, min_new_tokens=s.min_new_tokens,
+                      multi_image=model.multi_image, model_name=entry.name)
 
 
 def cell_evaluator(judge: str = "exact_matching", judge_kwargs: dict | None = None, nproc: int = 1,
                    data_root: str | Path | None = None, batch_size: int = 8, log: Callable[[str], None] = print,
                    **options) -> Callable:
-    """An ``evaluate(cell, work_dir) -> metrics`` for :func:`fusion_vlm.evaluation.sweep.run_sweep`.
+    """An ``evaluate(cell, work_dir) -> EvalResult`` for :func:`fusion_vlm.evaluation.sweep.run_sweep`.
 
     Keeps the last loaded model, so consecutive datasets of one (mode, N) group load it once.
     """

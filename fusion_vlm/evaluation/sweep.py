@@ -6,9 +6,11 @@ Modes (paper Appendix D; the same codes as paper_appendix_scores.csv):
 * ``vq_ft`` -- vision + queries, fine-tuned without the question: its own checkpoint, question dropped;
 * ``vq``    -- vision + queries, question dropped from the ``vqq`` checkpoint without fine-tuning.
 
-Each finished cell leaves ``<out>/cells/<mode>_N<n>/<dataset>.scores.json``; a
-rerun skips cells whose file exists. :func:`collect_scores` turns all of them
-into the long CSV ``metric,mode,n_queries,score`` of ``paper_appendix_scores.csv``.
+Each finished cell leaves ``<out>/cells/<mode>_N<n>/<dataset>.scores.json``
+(its scores and set-up); a rerun skips cells whose file exists.
+:func:`collect_scores` turns all of them into the long CSV
+``metric,mode,n_queries,score`` of ``paper_appendix_scores.csv``, and
+:func:`write_csv` puts the set-ups next to it (``<csv stem>.setup.json``).
 This module does not import VLMEvalKit: the evaluation itself is a callable.
 """
 
@@ -21,6 +23,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fusion_vlm.errors import CheckpointError, MissingFileError, UsageError, user_input
+from fusion_vlm.evaluation.settings import EvalResult, resolve_max_new_tokens
 
 MODES = ("vqq", "vq_ft", "vq")
 CSV_FIELDS = ("metric", "mode", "n_queries", "score")
@@ -56,16 +61,18 @@ def parse_checkpoints(specs: Iterable[str], n_of: Callable[[str], int] | None = 
         if sep and head.strip().isdigit():
             n, path = int(head), tail
         elif sep and not Path(spec).exists():
-            raise ValueError(f"checkpoint spec {spec!r}: expected N=DIR with an integer N")
+            raise UsageError(f"checkpoint spec {spec!r}: expected N=DIR with an integer N")
         else:
             n, path = None, spec
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        n = n_of(path) if n is None else n
+            raise MissingFileError(f"checkpoint directory not found: {path}")
+        if n is None:
+            with user_input(CheckpointError):
+                n = n_of(path)
         if n < 1:
-            raise ValueError(f"checkpoint spec {spec!r}: N must be >= 1")
+            raise UsageError(f"checkpoint spec {spec!r}: N must be >= 1")
         if n in out:
-            raise ValueError(f"two checkpoints for N={n}: {out[n]} and {path}")
+            raise UsageError(f"two checkpoints for N={n}: {out[n]} and {path}")
         out[n] = path
     return out
 
@@ -81,22 +88,22 @@ def plan_cells(checkpoints: Mapping[int, str], datasets: Iterable[str], modes: I
     modes, datasets = list(modes), list(datasets)
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; expected one of {', '.join(MODES)}")
+            raise UsageError(f"unknown mode {m!r}; expected one of {', '.join(MODES)}")
     for d in datasets:
         if not _SAFE.match(d):
-            raise ValueError(f"dataset name {d!r} must be letters, digits and _.+- only")
+            raise UsageError(f"dataset name {d!r} must be letters, digits and _.+- only")
     if not datasets:
-        raise ValueError("no datasets given")
+        raise UsageError("no datasets given")
     ft_checkpoints = dict(ft_checkpoints or {})
     cells = []
     for mode in modes:
         source = ft_checkpoints if mode == "vq_ft" else checkpoints
         if not source:
             what = "--ft-checkpoint" if mode == "vq_ft" else "--checkpoint"
-            raise ValueError(f"mode {mode} needs at least one {what}")
+            raise UsageError(f"mode {mode} needs at least one {what}")
         if mode == "vq_ft" and checkpoints and set(checkpoints) - set(ft_checkpoints):
             missing = sorted(set(checkpoints) - set(ft_checkpoints))
-            raise ValueError(f"mode vq_ft has no fine-tuned checkpoint for N={missing}")
+            raise UsageError(f"mode vq_ft has no fine-tuned checkpoint for N={missing}")
         for n in sorted(source):
             for d in datasets:
                 cells.append(Cell(mode, int(n), d, str(source[n])))
@@ -111,28 +118,55 @@ def is_done(out_dir: str | Path, cell: Cell) -> bool:
     return score_path(out_dir, cell).is_file()
 
 
-def write_cell_scores(out_dir: str | Path, cell: Cell, metrics: Mapping[str, float]) -> Path:
-    """Record a finished cell atomically (write then rename), so an interrupted run leaves no half file."""
+def check_done_cells(out_dir: str | Path, cells: Iterable[Cell], prompt_set: str, max_new_tokens: int | None,
+                     do_sample: bool = False) -> None:
+    """Refuse to skip finished cells that were scored with another prompt set, answer length or sampling.
+
+    A cell file without a recorded set-up is not checked. Raises a one-line ``UsageError`` naming the cells.
+    """
+    stale = []
+    for cell in cells:
+        path = score_path(out_dir, cell)
+        if not path.is_file():
+            continue
+        setup = json.loads(path.read_text()).get("setup") or {}
+        if not setup:
+            continue
+        want = {"prompt_set": prompt_set, "do_sample": bool(do_sample),
+                "max_new_tokens": resolve_max_new_tokens(max_new_tokens, cell.dataset, setup.get("dataset_type"))}
+        diff = [f"{k} {setup[k]!r}" for k, v in want.items() if k in setup and setup[k] != v]
+        if diff:
+            stale.append(f"{cell.group}/{cell.dataset} ({', '.join(diff)})")
+    if stale:
+        raise UsageError(f"{len(stale)} finished cell(s) in {out_dir} were scored with other settings: "
+                         f"{'; '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}; use a new --out or delete them")
+
+
+def write_cell_scores(out_dir: str | Path, cell: Cell, metrics: Mapping[str, float],
+                      setup: Mapping | None = None) -> Path:
+    """Record a finished cell (scores and set-up) atomically (write then rename): no half file on interrupt."""
     path = score_path(out_dir, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"cell": asdict(cell), "metrics": {str(k): float(v) for k, v in metrics.items()}}
+    payload = {"cell": asdict(cell), "setup": dict(setup or {}),
+               "metrics": {str(k): float(v) for k, v in metrics.items()}}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     os.replace(tmp, path)
     return path
 
 
-EvaluateFn = Callable[[Cell, Path], Mapping[str, float]]
+EvaluateFn = Callable[[Cell, Path], Mapping[str, float] | EvalResult]
 
 
 def run_sweep(out_dir: str | Path, cells: list[Cell], evaluate: EvaluateFn, csv_path: str | Path | None = None,
               log: Callable[[str], None] = print) -> Path:
     """Evaluate every unfinished cell, then write the tidy CSV; returns the CSV path.
 
-    ``evaluate(cell, work_dir)`` returns ``{"<metric>@<benchmark>": score}``;
-    ``work_dir`` is ``<out>/work/<mode>_N<n>`` (one per group, so VLMEvalKit's
-    own prediction files are shared by the datasets of a group). A cell that
-    raises stays unfinished and the error propagates after the CSV is written.
+    ``evaluate(cell, work_dir)`` returns ``{"<metric>@<benchmark>": score}`` or an
+    :class:`~fusion_vlm.evaluation.settings.EvalResult` (scores and set-up, both
+    recorded); ``work_dir`` is ``<out>/work/<mode>_N<n>`` (one per group, so
+    VLMEvalKit's own prediction files are shared by the datasets of a group). A
+    cell that raises stays unfinished and the error propagates after the CSV is written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,17 +178,18 @@ def run_sweep(out_dir: str | Path, cells: list[Cell], evaluate: EvaluateFn, csv_
         work = out_dir / "work" / cell.group
         work.mkdir(parents=True, exist_ok=True)
         try:
-            metrics = evaluate(cell, work)
+            result = evaluate(cell, work)
         except Exception as err:  # noqa: BLE001 - keep the finished cells, report at the end
             log(f"sweep: {cell.group} {cell.dataset} failed: {err}")
             error = error or err
             continue
+        metrics, setup = (result.metrics, result.setup) if isinstance(result, EvalResult) else (result, {})
         if not metrics:
             log(f"sweep: {cell.group} {cell.dataset} produced no scores")
             error = error or RuntimeError(f"{cell.group} {cell.dataset} produced no scores")
             continue
-        write_cell_scores(out_dir, cell, metrics)
-    path = write_csv(collect_scores(out_dir), csv_path or out_dir / "scores.csv")
+        write_cell_scores(out_dir, cell, metrics, setup)
+    path = write_csv(collect_scores(out_dir), csv_path or out_dir / "scores.csv", setups=collect_setups(out_dir))
     log(f"sweep: wrote {path}")
     if error is not None:
         raise error
@@ -175,8 +210,27 @@ def collect_scores(out_dir: str | Path) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write rows in the ``metric,mode,n_queries,score`` format (scores rounded to 3 decimals)."""
+def collect_setups(out_dir: str | Path) -> list[dict]:
+    """The set-up of every recorded cell under ``out_dir`` (cell fields first), in file order."""
+    out = []
+    for path in sorted((Path(out_dir) / "cells").glob("*/*.scores.json")):
+        data = json.loads(path.read_text())
+        out.append({**data["cell"], **(data.get("setup") or {})})
+    return out
+
+
+def setup_path(csv_path: str | Path) -> Path:
+    """Where the set-ups of a scores CSV go: ``scores.csv`` -> ``scores.setup.json``."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(f"{csv_path.stem}.setup.json")
+
+
+def write_csv(rows: list[dict], path: str | Path, setups: list[dict] | None = None) -> Path:
+    """Write rows in the ``metric,mode,n_queries,score`` format (scores rounded to 3 decimals).
+
+    ``setups`` (one :func:`~fusion_vlm.evaluation.settings.eval_setup` record per
+    evaluation behind the rows) go to :func:`setup_path` as ``{"csv": name, "evaluations": [...]}``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -184,4 +238,6 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "score": round(float(r["score"]), 3)})
+    if setups is not None:
+        setup_path(path).write_text(json.dumps({"csv": path.name, "evaluations": list(setups)}, indent=1))
     return path

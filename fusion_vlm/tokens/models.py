@@ -261,14 +261,15 @@ def count_instructblip(width: int, height: int, *, num_query_tokens: int = 32) -
 
 
 def count_fusion_vlm(width: int, height: int, *, n_queries: int = 256, n_later: int | None = None,
-                     n_questions: int = 1, hd_num: int = 9,
+                     n_questions: int = 1, hd_num: int = 9, hd_rule: str = "reference",
                      view_grid: Callable[[int, int], tuple[int, int]] | None = None) -> TokenCount:
     """This model: fusion input (local views + 1) x 145; the LLM sees N + N' x (questions - 1).
 
     ``view_grid(width, height) -> (cols, rows)`` gives the local-view grid; default is
     this library's own planner :func:`fusion_vlm.views.plan_views` with ``hd_num`` local
-    views at most (the IXC/Phi-3 HD rule without upsampling beyond the image's need). N' defaults to min(N, 8) (DESIGN.md section 2). ``details`` carries
-    ``fusion_vision_tokens`` (e.g. 1450 at 1008x1008) and the per-question slots.
+    views at most and ``hd_rule`` (default the paper's reference rule, which fills the largest grid
+    for the aspect ratio: 1450 tokens for any 4:3 or square image). N' defaults to min(N, 8). ``details``
+    carries ``fusion_vision_tokens`` and the per-question slots.
     """
     for knob, val in (("n_queries", n_queries), ("n_questions", n_questions), ("hd_num", hd_num)):
         if val < 1:
@@ -279,7 +280,7 @@ def count_fusion_vlm(width: int, height: int, *, n_queries: int = 256, n_later: 
     if view_grid is None:
         from fusion_vlm.views import plan_views
 
-        plan = plan_views(width, height, 336, hd_num)
+        plan = plan_views(width, height, 336, hd_num, hd_rule)
         cols, rows = plan.cols, plan.rows
     else:
         cols, rows = view_grid(width, height)

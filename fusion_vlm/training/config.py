@@ -24,6 +24,9 @@ class DataConfig:
 
     files: list[str] = field(default_factory=list)  # JSON list or JSONL files of {id, image, conversations}
     image_root: str | None = None  # directory the records' relative `image` paths are resolved against
+    # accept `image` paths that leave image_root (absolute, `..`, symlinks pointing out); false = such records are
+    # skipped as outside_image_root (no effect when image_root is null)
+    allow_outside_image_root: bool = False
     fraction: float = 1.0  # keep this seeded random fraction of the records (0.1 = the paper's stage-3 subset)
     fraction_seed: int = 0  # seed of the subset draw (same seed -> same subset for every N in a sweep)
     max_questions: int | None = None  # keep at most this many question/answer pairs per sample; null = all
@@ -72,6 +75,9 @@ class CheckpointConfig:
     keep_last: int = 3  # keep only the newest this-many step checkpoints
     resume: str = "auto"  # auto (resume if output_dir holds a checkpoint) | never | a checkpoint directory
     save_on_signal: bool = True  # SIGTERM/SIGINT: save a checkpoint, then exit
+    # record every checkpoint file's sha256 in its manifest.json and check it before resuming (reads each
+    # checkpoint once more at save and at resume); false = sizes plus the CRC-32s of DeepSpeed's archives only
+    sha256: bool = True
 
 
 @dataclass
@@ -80,7 +86,9 @@ class LoggingConfig:
 
     every: int = 1  # write metrics every this many optimizer steps
     progress_bar: bool = True  # tqdm bar with step, losses, lr, samples/s, tokens/s and ETA
-    wandb_mode: str = "offline"  # offline | online | disabled (wandb is imported only when not disabled)
+    # disabled (default: wandb is never imported) | offline (local files under OUTPUT/wandb, no network; upload
+    # later with `wandb sync`) | online (streams to the wandb server)
+    wandb_mode: str = "disabled"
     wandb_project: str = "fusion-vlm"  # wandb project name
     run_name: str | None = None  # wandb run name; null = the output directory's name
 
@@ -106,7 +114,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (paper: 1 / 64 / 64)
     max_steps: int | None = None  # optimizer steps; null = run `epochs` passes over the data
     epochs: float = 1.0  # passes over the (subset of the) data when max_steps is null
-    max_nonfinite_in_a_row: int = 10  # abort after this many consecutive NaN/Inf steps (each is skipped)
+    # abort after this many consecutive NaN/Inf steps (each is skipped), or after more than half of max_steps in a
+    # row for shorter runs; a run that ends with more than half of its steps skipped is not exported either
+    max_nonfinite_in_a_row: int = 10
     stop_at_step: int | None = None  # save and exit after this step as if interrupted (schedule still for max_steps)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

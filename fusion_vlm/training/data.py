@@ -12,6 +12,11 @@ the files are loaded, image and length problems when a sample is built. A
 :class:`SkipCounter` counts them by reason, prints the first few with their
 ids and aborts (``TooManySkipped``) when the skipped fraction passes a ceiling,
 so a wrong image root cannot silently skip everything.
+
+Image paths stay inside ``data.image_root``: a path that leaves it (absolute,
+``..``, or a symlink pointing out, checked on the resolved real path) is
+skipped as ``outside_image_root`` unless ``data.allow_outside_image_root`` is
+set, so a data file cannot make training read arbitrary files.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 
 import datasets
 
+from fusion_vlm.errors import DataError, MissingFileError
+
 SKIP_REASONS = ("bad_record", "no_image", "no_human_turn", "turn_order", "empty_answer", "missing_image",
-                "unreadable_image", "too_long", "invalid_text")
+                "unreadable_image", "too_long", "invalid_text", "outside_image_root")
 HUMAN, GPT = ("human", "user"), ("gpt", "assistant")
 IMAGE_TAG = "<image>"
 
@@ -137,13 +144,16 @@ def read_records(path: str | Path) -> list[dict | SkipSample]:
     """Records of a JSON-list or JSONL file; an unparsable JSONL line becomes a ``bad_record`` skip."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise MissingFileError(f"data file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file '{path}': not UTF-8 text ({err})") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data file '{path}': invalid JSON ({err})") from None
+            raise DataError(f"data file '{path}': invalid JSON ({err})") from None
         return list(data)
     out: list[dict | SkipSample] = []
     for i, line in enumerate(text.splitlines()):
@@ -156,8 +166,27 @@ def read_records(path: str | Path) -> list[dict | SkipSample]:
     return out
 
 
-def parse_record(raw, image_root: str | None, max_questions: int | None = None, index: int = 0) -> dict:
-    """Validate one LLaVA record -> {"id", "image", "questions", "answers"}; raises :class:`SkipSample`."""
+def image_path(image: str, image_root: str | None, sample_id: str, allow_outside_root: bool = False) -> str:
+    """``image`` resolved against ``image_root``; raises :class:`SkipSample` (``outside_image_root``) when its
+    real path (symlinks resolved) is not inside the real ``image_root``, unless ``allow_outside_root``."""
+    if image_root is None:
+        return image
+    path = os.path.join(image_root, image)  # an absolute `image` stays as it is
+    if allow_outside_root:
+        return path
+    root, real = os.path.realpath(image_root), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise SkipSample("outside_image_root", sample_id, f"image '{image}' resolves to '{real}', outside "
+                         f"data.image_root '{root}' (set data.allow_outside_image_root=true to allow it)")
+    return path
+
+
+def parse_record(raw, image_root: str | None, max_questions: int | None = None, index: int = 0,
+                 allow_outside_root: bool = False) -> dict:
+    """Validate one LLaVA record -> {"id", "image", "questions", "answers"}; raises :class:`SkipSample`.
+
+    ``image`` is resolved with :func:`image_path` (kept inside ``image_root`` unless ``allow_outside_root``).
+    """
     if not isinstance(raw, dict):
         raise SkipSample("bad_record", f"#{index}", f"expected an object, got {type(raw).__name__}")
     sid = str(raw.get("id", f"#{index}"))
@@ -194,7 +223,7 @@ def parse_record(raw, image_root: str | None, max_questions: int | None = None, 
         raise SkipSample("turn_order", sid, "the last human turn has no gpt answer")
     if max_questions is not None:
         questions, answers = questions[:max_questions], answers[:max_questions]
-    path = image if image_root is None or os.path.isabs(image) else os.path.join(image_root, image)
+    path = image_path(image, image_root, sid, allow_outside_root)
     return {"id": sid, "image": path, "questions": questions, "answers": answers}
 
 
@@ -207,14 +236,16 @@ def subset_indices(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def load_llava(files: list[str], image_root: str | None, counter: SkipCounter, fraction: float = 1.0,
-               seed: int = 0, max_questions: int | None = None, check_images: bool = True) -> datasets.Dataset:
+               seed: int = 0, max_questions: int | None = None, check_images: bool = True,
+               allow_outside_root: bool = False) -> datasets.Dataset:
     """Load and validate LLaVA files into a ``datasets.Dataset`` of {key, id, image, questions, answers}.
 
     Bad records are counted in ``counter`` (with ``check_images``, missing image
-    files too: that catches a wrong image root before training starts).
+    files too: that catches a wrong image root before training starts; image paths
+    leaving ``image_root`` too, unless ``allow_outside_root``).
     """
     if not files:
-        raise ValueError("data.files is empty: give at least one LLaVA-format JSON/JSONL file")
+        raise DataError("data.files is empty: give at least one LLaVA-format JSON/JSONL file")
     raw: list = []
     for f in files:
         raw.extend(read_records(f))
@@ -225,7 +256,7 @@ def load_llava(files: list[str], image_root: str | None, counter: SkipCounter, f
         try:
             if isinstance(raw[i], SkipSample):
                 raise raw[i]
-            rec = parse_record(raw[i], image_root, max_questions, i)
+            rec = parse_record(raw[i], image_root, max_questions, i, allow_outside_root)
             if check_images and not os.path.isfile(rec["image"]):
                 raise SkipSample("missing_image", rec["id"], f"image file '{rec['image']}' does not exist")
         except SkipSample as skip:

@@ -17,6 +17,7 @@ import socket
 
 import torch
 
+from fusion_vlm.errors import ConfigError, MissingFileError
 from fusion_vlm.training.config import TrainConfig, resolve_repo_path
 
 
@@ -25,7 +26,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("engine.device=cuda but no CUDA GPU is visible")
+        raise ConfigError("engine.device=cuda but no CUDA GPU is visible")
     return device
 
 
@@ -72,11 +73,11 @@ def deepspeed_config(cfg: TrainConfig, world: int, device: str, torch_optimizer:
     """The DeepSpeed JSON for this run: the base file with batch sizes, ZeRO stage, precision and optimizer set."""
     path = resolve_repo_path(cfg.engine.deepspeed_config)
     if not path.is_file():
-        raise FileNotFoundError(f"engine.deepspeed_config '{cfg.engine.deepspeed_config}' does not exist")
+        raise MissingFileError(f"engine.deepspeed_config '{cfg.engine.deepspeed_config}' does not exist")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"engine.deepspeed_config '{path}': invalid JSON ({err})") from None
+        raise ConfigError(f"engine.deepspeed_config '{path}': invalid JSON ({err})") from None
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world, gradient_clipping=cfg.optim.grad_clip,
               steps_per_print=10**9, wall_clock_breakdown=False)
@@ -117,7 +118,7 @@ def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], lr: f
         unused.discard(key)
         groups.setdefault(1.0 if key is None else float(lr_scale[key]), []).append(p)
     if unused:
-        raise ValueError(f"optim.lr_scale: prefix(es) {sorted(unused)} match no trained parameter")
+        raise ConfigError(f"optim.lr_scale: prefix(es) {sorted(unused)} match no trained parameter")
     order = sorted(groups, key=lambda s: (s != 1.0, s))
     return [{"params": groups[s], "lr": lr * s} for s in order]
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from fusion_vlm.errors import CheckpointError, ConfigError, MissingFileError
 from fusion_vlm.schema import to_dict
 from fusion_vlm.training import checkpoint as ckpt
 from fusion_vlm.training.batches import Collator, ResumableBatchSampler, SampleDataset
@@ -45,7 +46,8 @@ class TrainResult:
     steps: int  # optimizer steps done (including resumed ones)
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss, for the steps run in this process
     skips: dict = field(default_factory=dict)  # SkipCounter.summary() over all ranks
-    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss
+    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (including resumed ones)
+    applied_steps: int = 0  # optimizer steps that updated the weights (steps - nonfinite_steps)
     stopped: str | None = None  # "signal" / "stop_at_step" when the run stopped early
     final_dir: Path | None = None  # save_pretrained export (only when the run finished)
     checkpoint: Path | None = None  # last checkpoint written
@@ -60,15 +62,44 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, device: str):
-    """The model for this run: from ``init_from`` (stage 3) or from the model config."""
+    """The model for this run: from ``init_from`` (stages 2-3) or from the model config.
+
+    The generation stage always builds the LLM (``llm.load=true``), also from a stage-1
+    export made without it; the contrastive stage follows the config (``llm.load: false``
+    in the stage-1 configs, since stage 1 never runs the LLM).
+    """
     from fusion_vlm.model import FusionVLM
 
+    overrides = cfg.model_overrides_all() + (["llm.load=true"] if cfg.stage == "generation" else [])
     if cfg.init_from:
         if (Path(cfg.init_from) / ckpt.STATE_FILE).is_file():
             raise ValueError(f"init_from='{cfg.init_from}' is a training checkpoint (for --resume); start a new "
                              f"stage from the run's save_pretrained export, e.g. {Path(cfg.init_from).parent}/final")
-        return FusionVLM.from_pretrained(cfg.init_from, overrides=cfg.model_overrides_all(), device=device)
-    return FusionVLM.from_config(cfg.model, overrides=cfg.model_overrides_all(), device=device)
+        return FusionVLM.from_pretrained(cfg.init_from, overrides=overrides, device=device)
+    return FusionVLM.from_config(cfg.model, overrides=overrides, device=device)
+
+
+def _resume_point(cfg: TrainConfig, out: Path, rank: int) -> Path | None:
+    """The verified checkpoint to resume from (:func:`checkpoint.find_resume`), chosen on rank 0 and shared
+    with every rank, so each checkpoint file is read once; its errors are raised on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ckpt.find_resume(cfg.checkpoint.resume, out)
+    box: list = [None]
+    if rank == 0:
+        try:
+            found = ckpt.find_resume(cfg.checkpoint.resume, out)
+            box[0] = ("ok", None if found is None else str(found))
+        except MissingFileError as err:
+            box[0] = ("missing", str(err))
+        except CheckpointError as err:
+            box[0] = ("damaged", str(err))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "missing":
+        raise MissingFileError(value)
+    if kind == "damaged":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
 
 
 def _all_reduce(values: list[float], op=None) -> list[float]:
@@ -111,18 +142,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = pick_device(cfg.engine.device)
     rank, world, local_rank = setup_distributed(device, cfg.engine.dist_backend)
     out = Path(cfg.output_dir)
+    resume_from = _resume_point(cfg, out, rank)  # verified before any work
     seed_everything(cfg.seed)
     model = build_model(cfg, "cuda" if device == "cuda" else "cpu")
     params = model.set_stage(cfg.stage)
     too_many = [n for n in cfg.n_queries_choices if n > model.config.fusion.max_queries]
     if too_many:
-        raise ValueError(f"n_queries_choices={cfg.n_queries_choices}: {too_many} exceed fusion.max_queries="
+        raise ConfigError(f"n_queries_choices={cfg.n_queries_choices}: {too_many} exceed fusion.max_queries="
                          f"{model.config.fusion.max_queries} (raise it with model_overrides)")
 
     counter = SkipCounter(cfg.data.max_skip_fraction, cfg.data.min_seen_for_abort,
                           cfg.data.log_first_skips if rank == 0 else 0)
     records = load_llava(cfg.data.files, cfg.data.image_root, counter, cfg.data.fraction, cfg.data.fraction_seed,
-                         cfg.data.max_questions)
+                         cfg.data.max_questions, allow_outside_root=cfg.data.allow_outside_image_root)
     dataset = SampleDataset(records, model.processor, cfg.stage, independent=cfg.data.independent_questions)
     per_epoch = ResumableBatchSampler.batches_per_epoch(len(dataset), cfg.micro_batch_size, world)
     steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
@@ -130,7 +162,6 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     engine = build_engine(model, params, cfg, total_steps, world, device)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, out)
     logger_start = 0
     if resume_from is not None:
         trainer_state, rank_state = ckpt.load_checkpoint(engine, resume_from, rank)
@@ -149,7 +180,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     def save() -> Path:
         trainer_state = {**state, "total_steps": total_steps, "stage": cfg.stage}
         path = ckpt.save_checkpoint(engine, out, state["step"], trainer_state, {"skips": counter.state()},
-                                    cfg.checkpoint.keep_last, rank)
+                                    cfg.checkpoint.keep_last, rank, with_sha256=cfg.checkpoint.sha256)
         logger.event("checkpoint", step=state["step"], path=str(path))
         result.checkpoint = path
         return path
@@ -157,6 +188,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     acc = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}
     terms: dict[str, float] = {}
     micro = 0
+    # consecutive skipped steps that stop the run: max_nonfinite_in_a_row, or more than half of a short run
+    nonfinite_limit = min(cfg.max_nonfinite_in_a_row, total_steps // 2 + 1)
     engine.train()
     try:
         while state["step"] < total_steps and result.stopped is None:
@@ -197,7 +230,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if micro % cfg.grad_accum:
                     continue
                 state["step"] += 1
-                _finish_step(engine, state, acc, terms, logger, cfg, result, counter)
+                _finish_step(engine, state, acc, terms, logger, nonfinite_limit, result, counter)
                 acc, terms = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}, {}
                 if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0:
                     save()
@@ -210,10 +243,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             else:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
+        applied = state["step"] - state["nonfinite_steps"]
+        if result.stopped is None and (applied == 0 or 2 * state["nonfinite_steps"] > state["step"]):
+            raise NonFiniteLossError(f"{state['nonfinite_steps']} of {state['step']} optimizer steps had a NaN/Inf loss "
+                                     f"or gradient and were skipped ({applied} applied): the run diverged (is optim.lr="
+                                     f"{cfg.optim.lr} too high?); not exporting {out / 'final'}")
         if result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{state['step']:07d}":
             save()
         result.steps = state["step"]
         result.nonfinite_steps = state["nonfinite_steps"]
+        result.applied_steps = applied
         result.skips = _gather_skips(counter)
         held = optimizer_param_ids(engine)
         result.optimizer_params = [n for n, p in model.named_parameters() if id(p) in held]
@@ -225,16 +264,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         if rank == 0:
             (out / "train_summary.json").write_text(json.dumps(
                 {"steps": result.steps, "stopped": result.stopped, "skips": result.skips,
-                 "nonfinite_steps": result.nonfinite_steps, "final": str(result.final_dir)}, indent=2))
+                 "nonfinite_steps": result.nonfinite_steps, "applied_steps": applied,
+                 "final": str(result.final_dir)}, indent=2))
             _print_skips(result.skips)
+            if state["nonfinite_steps"]:
+                print(f"[train] {state['nonfinite_steps']} of {state['step']} optimizer steps were skipped (NaN/Inf "
+                      f"loss or gradient; see skipped_step in metrics.jsonl)", file=sys.stderr)
     finally:
         stop.restore()
         logger.close()
     return result
 
 
-def _finish_step(engine, state, acc, terms, logger, cfg, result, counter) -> None:
-    """After an optimizer step: skip ceiling, NaN bookkeeping, cross-rank means, metrics (same on every rank)."""
+def _finish_step(engine, state, acc, terms, logger, nonfinite_limit, result, counter) -> None:
+    """After an optimizer step: skip ceiling, NaN bookkeeping, cross-rank means, metrics (same on every rank).
+
+    ``nonfinite_limit`` consecutive skipped (NaN/Inf) steps raise :class:`NonFiniteLossError`.
+    """
     applied = engine.was_step_applied()
     loss_sum, n, samples, tokens, bad, attempts, failed = _all_reduce(
         [acc["loss"], acc["n"], acc["samples"], acc["tokens"], float(not applied), counter.attempts,
@@ -243,9 +289,6 @@ def _finish_step(engine, state, acc, terms, logger, cfg, result, counter) -> Non
     if bad > 0:
         state["nonfinite_steps"] += 1
         state["nonfinite_in_a_row"] += 1
-        if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_in_a_row:
-            raise NonFiniteLossError(f"{state['nonfinite_in_a_row']} optimizer steps in a row had a NaN/Inf loss or "
-                                     f"gradient (max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); stopping")
     else:
         state["nonfinite_in_a_row"] = 0
     step = state["step"]
@@ -255,9 +298,13 @@ def _finish_step(engine, state, acc, terms, logger, cfg, result, counter) -> Non
     metrics = {"loss": loss, **{k: v / n for k, v in zip(terms, term_vals) if n},
                "lr": acc.get("lr", current_lr(engine)), "grad_norm": _grad_norm(engine), "samples": int(samples),
                "tokens": int(tokens), "samples_per_s": sps, "tokens_per_s": tps, "epoch": state["epoch"],
-               "skipped_step": bool(bad > 0), "eta_s": logger.eta_s(step)}
+               "skipped_step": bool(bad > 0), "skipped_steps": state["nonfinite_steps"], "eta_s": logger.eta_s(step)}
     result.losses[step] = loss
     logger.log(step, metrics)
+    if state["nonfinite_in_a_row"] >= nonfinite_limit:  # after logging: the last skipped step shows too
+        raise NonFiniteLossError(f"{state['nonfinite_in_a_row']} optimizer steps in a row had a NaN/Inf loss or "
+                                 f"gradient and were skipped (limit {nonfinite_limit}: max_nonfinite_in_a_row, or "
+                                 f"half the run + 1); stopping at step {step}, nothing exported")
 
 
 def _optimizer_state_numel(engine) -> int:
@@ -283,16 +330,30 @@ def _gather_skips(counter: SkipCounter) -> dict:
     return counter.summary()
 
 
+def _nonfinite_params(model) -> list[str]:
+    """Names of the parameters holding a NaN or Inf (every rank sees the same full weights here)."""
+    return [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p.detach()).all()]
+
+
 def _export(model, engine, directory: Path, rank: int) -> Path:
-    """Write the trained model with ``save_pretrained`` (ZeRO-3: gather the partitioned weights first)."""
+    """Write the trained model with ``save_pretrained`` (ZeRO-3: gather the partitioned weights first).
+
+    Refuses (:class:`NonFiniteLossError`, on every rank) when a weight is NaN/Inf.
+    """
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if rank == 0:
+            bad = _nonfinite_params(model)
+            if not bad and rank == 0:
                 model.save_pretrained(directory)
-    elif rank == 0:
-        model.save_pretrained(directory)
+    else:
+        bad = _nonfinite_params(model)
+        if not bad and rank == 0:
+            model.save_pretrained(directory)
+    if _all_reduce([float(len(bad))], dist.ReduceOp.MAX)[0] > 0:
+        raise NonFiniteLossError(f"{len(bad)} parameters hold NaN/Inf values (first: {bad[0] if bad else '?'}); "
+                                 f"not exporting {directory}")
     if dist.is_initialized():
         dist.barrier()
     return directory

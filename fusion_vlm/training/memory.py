@@ -7,11 +7,15 @@ on n GPUs (mixed-precision ZeRO accounting of Rajbhandari et al., 2020):
 * weights: 2 P (bf16; DeepSpeed casts the whole module, the frozen LLM included), / n under ZeRO-3;
 * gradients: 2 T (bf16), / n under ZeRO-2/3;
 * optimizer states: 16 T (fp32 master copy, fp32 gradient partition, AdamW m and v), / n under ZeRO-1/2/3;
-* activations (bf16, attention through SDPA/flash so no s x s score matrices are kept),
-  per transformer layer and token of width h and MLP width i:
-  ``2 (8 h + k i)`` bytes, k = 3 for a GELU MLP (CLIP towers), 4 for SwiGLU (fusion module, Llama);
-  with gradient checkpointing only each layer's input (``2 h``) is kept, plus one layer's full
-  activations during its recompute. Tokens per sample: vision ``views x (patches + 1)``; fusion
+* activations (bf16, attention through SDPA/flash so no s x s score matrices are kept): the tensors
+  autograd keeps for backward, per transformer layer and token of width h and MLP width i
+  (:data:`LAYER_BYTES`): a trained CLIP block (LayerNorm, attention, GELU MLP) ``18 h + 4 i`` bytes;
+  a trained Llama-style block (fusion module; fp32 RMSNorm inputs, SwiGLU) ``20 h + 8 i``; a frozen
+  Llama block (the LLM) ``16 h + 6 i``, because a linear layer whose weight needs no gradient keeps
+  no input. With gradient checkpointing only each layer's input (``2 h``) is kept, plus, during
+  backward, one layer's full activations while it is recomputed -- one layer at a time over the
+  whole model, so the largest such layer counts once (``recompute``). Tokens per sample: vision
+  ``views x (patches + 1)``; fusion
   ``vision tokens + questions x (question_tokens + slots)``; LLM ``llm_tokens`` (plus fp32 logits over
   the vocabulary at ``answer_fraction`` of them); CLIP text tower (stage 1) ``questions x context``.
   The frozen LLM still keeps activations in stages 2-3: the loss is backpropagated through it to the
@@ -19,7 +23,9 @@ on n GPUs (mixed-precision ZeRO accounting of Rajbhandari et al., 2020):
 * overhead: CUDA context, NCCL and DeepSpeed communication buckets, allocator fragmentation (a flat
   ``overhead_gib``; ZeRO-3 adds its live-parameter prefetch buffer).
 
-It is an estimate (typically within ~15%): measure with ``torch.cuda.max_memory_allocated`` for sure.
+It is an estimate: against a measured bf16 step at the paper's widths (``scripts/bench_memory.py``,
+docs/training.md) the activations + gradients come out 5-15% above the measurement (conservative).
+Measure with ``torch.cuda.max_memory_allocated`` for sure.
 """
 
 from __future__ import annotations
@@ -58,23 +64,41 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def layer_bytes(tokens: int, hidden: int, inter: int, glu: bool) -> float:
-    """bf16 activations kept by one transformer layer for backward: ``tokens x 2 (8 h + k i)``."""
-    return tokens * 2.0 * (8 * hidden + (4 if glu else 3) * inter)
+# bytes kept for backward per token of one layer, as (x hidden, x intermediate), bf16 tensors + fp32 norm inputs
+LAYER_BYTES = {
+    # LN in 2h, qkv-projection in 2h, q/k/v 6h, attention out 2h, out-projection in 2h, LN in 2h, fc in 2h;
+    # GELU in 2i, projection in 2i
+    "clip": (18, 4),
+    # RMSNorm fp32 in 4h + normed 2h (x2), q/k/v 6h, attention out 2h; SiLU in, SiLU out, up, down in 2i each
+    "llama": (20, 8),
+    # frozen weights: RMSNorm fp32 in 4h (x2), q/k/v 6h, attention out 2h; SiLU in, SiLU out, up 2i each
+    "llama_frozen": (16, 6),
+}
 
 
-def stack_bytes(tokens: int, layers: int, hidden: int, inter: int, glu: bool, checkpointing: bool) -> float:
-    """Activations of a stack of ``layers`` layers over ``tokens`` tokens (whole micro-batch)."""
+def layer_bytes(tokens: int, hidden: int, inter: int, kind: str) -> float:
+    """Bytes one transformer layer of ``kind`` (:data:`LAYER_BYTES`) keeps for backward over ``tokens`` tokens."""
+    kh, ki = LAYER_BYTES[kind]
+    return float(tokens) * (kh * hidden + ki * inter)
+
+
+def stack_bytes(tokens: int, layers: int, hidden: int, inter: int, kind: str,
+                checkpointing: bool) -> tuple[float, float]:
+    """(kept, recompute) bytes of a stack of ``layers`` layers over ``tokens`` tokens (whole micro-batch).
+
+    Without checkpointing every layer's activations are kept and ``recompute`` is 0; with it each
+    layer's bf16 input is kept and ``recompute`` is one layer's activations (live while it is recomputed).
+    """
     if checkpointing:
-        return tokens * 2.0 * hidden * layers + layer_bytes(tokens, hidden, inter, glu)
-    return layers * layer_bytes(tokens, hidden, inter, glu)
+        return tokens * 2.0 * hidden * layers, layer_bytes(tokens, hidden, inter, kind)
+    return layers * layer_bytes(tokens, hidden, inter, kind), 0.0
 
 
 def _towers(model) -> dict:
     """Layer counts and widths of the parts, read off a (meta) model."""
     vis = model.vision.visual.transformer
     txt = model.text_encoder.transformer
-    llm = model.llm.config.get_text_config()
+    llm = model.llm_config.get_text_config()  # the architecture, also when the LLM is not loaded (llm.load=false)
     return {
         "vision": (len(vis.resblocks), vis.width, vis.resblocks[0].mlp.c_fc.out_features),
         "text": (len(txt.resblocks), txt.width, txt.resblocks[0].mlp.c_fc.out_features),
@@ -122,17 +146,21 @@ def estimate_memory(model_cfg, train_cfg, micro_batch: int | None = None, zero_s
 
     def parts(ckpt: bool) -> dict[str, float]:
         vl, vh, vi = t["vision"]
-        out = {"vision": stack_bytes(b * n_views * (grid * grid + 1), vl, vh, vi, False, ckpt),
-               "merge": b * n_views * grid * grid * vh * 2.0 * 2,
-               "fusion": stack_bytes(b * fusion_tokens, f.num_layers, f.hidden_size, f.intermediate_size, True, ckpt)}
+        stacks = {"vision": stack_bytes(b * n_views * (grid * grid + 1), vl, vh, vi, "clip", ckpt),
+                  "fusion": stack_bytes(b * fusion_tokens, f.num_layers, f.hidden_size, f.intermediate_size,
+                                        "llama", ckpt)}
+        out = {"merge": b * n_views * grid * grid * vh * 2.0 * 2}
         if stage == "contrastive":
             tl, th, ti = t["text"]
-            out["clip_text"] = stack_bytes(b * n_questions * model_cfg.vision.text_context_length, tl, th, ti,
-                                           False, ckpt)
+            stacks["clip_text"] = stack_bytes(b * n_questions * model_cfg.vision.text_context_length, tl, th, ti,
+                                              "clip", ckpt)
         else:
             ll, lh, li, vocab = t["llm"]
-            out["llm"] = stack_bytes(b * llm_tokens, ll, lh, li, True, ckpt)
-            out["logits"] = b * llm_tokens * answer_fraction * vocab * 4.0 * 2  # fp32 logits + their gradient
+            stacks["llm"] = stack_bytes(b * llm_tokens, ll, lh, li, "llama_frozen", ckpt)
+            out["logits"] = b * llm_tokens * answer_fraction * vocab * 4.0 * 2  # fp32 log-probs + their gradient
+        out.update({name: kept for name, (kept, _) in stacks.items()})
+        if ckpt:  # one layer is recomputed at a time, in whichever stack
+            out["recompute"] = max(rec for _, rec in stacks.values())
         return out
 
     with_ckpt, without = parts(True), parts(False)

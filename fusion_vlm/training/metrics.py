@@ -2,15 +2,18 @@
 
 Only rank 0 writes. ``metrics.jsonl`` in the output directory gets one JSON
 object per logged optimizer step (appended, so a resumed run continues the
-same file) and a final ``{"event": "end", ...}`` summary. wandb is imported
-lazily and only when ``logging.wandb_mode`` is not ``disabled``; the default
-``offline`` mode writes under ``OUTPUT/wandb`` and never needs a network.
+same file) and a final ``{"event": "end", ...}`` summary. wandb is off by
+default (``logging.wandb_mode: disabled``: never imported). ``offline`` writes
+under ``OUTPUT/wandb`` without any network access (see :func:`wandb_settings`);
+``online`` streams to the wandb server.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,14 +38,19 @@ class MetricsLogger:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
+        if self.path.is_file() and self.path.stat().st_size:  # a crash mid-line: keep the torn line on its own
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        else:
+            torn = False
         self.file = self.path.open("a", encoding="utf-8")
+        if torn:
+            self.file.write("\n")
         if cfg.progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if cfg.wandb_mode != "disabled":
-            import wandb  # lazy: never needed unless asked for
-
-            self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.run_name or out.name, dir=str(out),
-                                        mode=cfg.wandb_mode, config=run_config or {}, resume="allow")
+            self.wandb_run = start_wandb(cfg, out, run_config or {})
 
     def throughput(self, samples: int, tokens: int) -> tuple[float, float]:
         """Add this step's samples/tokens; return (samples/s, tokens/s) since this process started."""
@@ -66,6 +74,10 @@ class MetricsLogger:
             self.bar.update(step - self.bar.n)
             show = {k: _fmt(metrics[k]) for k in ("loss", "contrastive", "identity", "generation", "lr",
                                                    "samples_per_s", "tokens_per_s") if k in metrics}
+            if metrics.get("skipped_step"):
+                show["loss"] = "skipped"  # not applied: the loss of an update that did not happen
+            if metrics.get("skipped_steps"):
+                show["skipped"] = str(metrics["skipped_steps"])
             self.bar.set_postfix(show, refresh=False)
         if step % self.cfg.every == 0 or step == self.total_steps:
             self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -98,7 +110,46 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def wandb_settings(mode: str) -> dict:
+    """Keyword arguments of ``wandb.Settings`` for ``mode``: offline turns off everything that could reach a server.
+
+    wandb 0.2x/0.3x in offline mode still probes its server for telemetry when the process
+    ends (a 10 s HTTP timeout without a network): error reporting is turned off, and the
+    system metadata, machine info and git/code capture are skipped.
+    """
+    if mode != "offline":
+        return {"mode": mode}
+    return {"mode": "offline", "x_disable_meta": True, "x_disable_machine_info": True, "x_disable_viewer": True,
+            "disable_git": True, "disable_code": True, "disable_job_creation": True}
+
+
+def start_wandb(cfg: LoggingConfig, out: Path, run_config: dict):
+    """``wandb.init`` for ``cfg.wandb_mode`` (offline: no network at all); returns the run."""
+    import wandb  # lazy: never imported unless asked for
+
+    if cfg.wandb_mode == "offline":
+        os.environ["WANDB_ERROR_REPORTING"] = "false"  # no telemetry probe and wandb-core --no-observability
+        wandb.setup(settings=wandb.Settings(**wandb_settings("offline")))
+    print(f"[wandb] mode {cfg.wandb_mode}, files under {out / 'wandb'}"
+          + (f"; upload later with: wandb sync {out / 'wandb'}/offline-run-*" if cfg.wandb_mode == "offline" else ""),
+          file=sys.stderr)
+    return wandb.init(project=cfg.wandb_project, name=cfg.run_name or out.name, dir=str(out), config=run_config,
+                      resume="allow", settings=wandb.Settings(**wandb_settings(cfg.wandb_mode)))
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The step records of a ``metrics.jsonl`` (events left out)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if "step" in r and "event" not in r]
+    """The step records of a ``metrics.jsonl`` in step order, events left out.
+
+    A step logged twice (a run that crashed after logging it, resumed from an earlier
+    checkpoint and redid it) appears once, as logged last; a torn line from a crash mid-write
+    is ignored.
+    """
+    rows = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "step" in r and "event" not in r:
+            rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]
