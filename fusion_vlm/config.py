@@ -12,12 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_vlm.errors import MissingFileError
 from fusion_vlm.schema import ConfigError, load_config
 from fusion_vlm.schema import require as _require
 
+STAGES = ("contrastive", "generation")  # the training stages: stage 1 contrastive, stages 2-3 generation
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # links to the repository's configs/; shipped in the wheel
 
 
 @dataclass
@@ -82,8 +84,12 @@ class FusionConfig:
 
     @property
     def later(self) -> int:
-        """N' actually used: ``n_queries_later`` or min(N, 8)."""
+        """N' actually used: ``n_queries_later`` or min(N, 8) (the paper's rule; the one home of it)."""
         return self.n_queries_later if self.n_queries_later is not None else min(self.n_queries, 8)
+
+    def later_for(self, n_queries: int, n_queries_later: int | None = None) -> int:
+        """N' for a run at N = ``n_queries``: an explicit ``n_queries_later``, else min(N, :attr:`later`)."""
+        return min(n_queries, self.later) if n_queries_later is None else n_queries_later
 
 
 @dataclass
@@ -177,15 +183,21 @@ class ModelConfig:
 
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """Map a preset name (``tiny``, ``paper``) or a path to an existing YAML file."""
+def resolve_preset(kind: str, name_or_path: str | Path) -> Path:
+    """Map a preset name of ``configs/<kind>/`` (``paper``, ``tiny_stage1``...) or a path to an existing YAML file."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    preset = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    preset = CONFIG_DIR / kind / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
-    raise FileNotFoundError(f"model config '{name_or_path}' is neither a file nor a preset in {CONFIG_DIR / 'model'}")
+    names = ", ".join(sorted(q.stem for q in (CONFIG_DIR / kind).glob("*.yaml")))
+    raise MissingFileError(f"{kind} config '{name_or_path}' is neither a file nor a preset ({names})")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """Map a model preset name (``tiny``, ``paper``) or a path to an existing YAML file."""
+    return resolve_preset("model", name_or_path)
 
 
 def load_model_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> ModelConfig:
@@ -195,5 +207,5 @@ def load_model_config(name_or_path: str | Path = "tiny", overrides: list[str] | 
 
 __all__ = [
     "ConfigError", "ViewsConfig", "VisionConfig", "MergeConfig", "FusionConfig", "ProjectorConfig",
-    "LLMConfig", "LossConfig", "ModelConfig", "load_model_config", "resolve_config_path",
+    "LLMConfig", "LossConfig", "ModelConfig", "load_model_config", "resolve_config_path", "resolve_preset",
 ]

@@ -155,7 +155,12 @@ class FusionModule(nn.Module):
         return self.decoder.embed_tokens
 
     def slots(self, n: int) -> torch.Tensor:
-        """Embeddings of one group of ``n`` slots: float [n, H], the last one ``<eos>``."""
+        """Embeddings of one group of ``n`` slots: float [n, H], the last one ``<eos>``.
+
+        Nested: the group is always the *first* ``n - 1`` codebook rows plus ``<eos>``, so the slots of a
+        smaller N are a prefix of those of a larger one, and one model trained with N drawn per micro-batch
+        (``n_queries_choices``) serves every N <= ``fusion.max_queries`` from one codebook.
+        """
         if not 1 <= n <= self.cfg.max_queries:
             raise ValueError(f"n_queries={n}: must be between 1 and fusion.max_queries={self.cfg.max_queries}")
         return torch.cat([self.queries[: n - 1], self.eos_slot[None]], dim=0)
@@ -200,7 +205,7 @@ class FusionModule(nn.Module):
         (``n_later`` is ignored), from one pass over each sample's vision tokens.
         """
         n_queries = self.cfg.n_queries if n_queries is None else n_queries
-        n_later = min(n_queries, self.cfg.later) if n_later is None else n_later
+        n_later = self.cfg.later_for(n_queries, n_later)
         if n_later > n_queries:
             raise ValueError(f"n_queries_later={n_later} must be <= n_queries={n_queries}")
         use_question = self.cfg.use_question if use_question is None else use_question
@@ -212,19 +217,30 @@ class FusionModule(nn.Module):
         seqs, layouts = zip(*(self.build_sequence(v, q, n_queries, n_later, use_question,
                                                   [next(embedded) for _ in q] if use_question else None)
                               for v, q in zip(vision, questions)))
-        max_len = max(s.shape[0] for s in seqs)
-        if max_len > self.cfg.max_positions:
-            raise ValueError(f"fusion sequence of {max_len} tokens exceeds fusion.max_positions={self.cfg.max_positions}")
-        embeds = seqs[0].new_zeros(len(seqs), max_len, seqs[0].shape[-1])
-        mask = torch.zeros(len(seqs), max_len, dtype=torch.long, device=embeds.device)
-        for b, s in enumerate(seqs):
-            embeds[b, : s.shape[0]] = s
-            mask[b, : s.shape[0]] = 1
+        embeds, mask = self._right_pad(seqs)
         if bool(mask.all()):
             mask = None  # no padding: lets attention take its plain causal path
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         groups = [[hidden[b, s0:s1] for s0, s1 in layout.slot_spans] for b, layout in enumerate(layouts)]
         return FusionOutput(groups)
+
+    def _right_pad(self, seqs: list[torch.Tensor], prefix_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad B sequences float [L_b, H] behind a shared prefix of ``prefix_length`` cached positions.
+
+        Returns (embeds float [B, L, H] with zeros after each sequence, attention mask long
+        [B, prefix_length + L]: 1 on the prefix and the sequence, 0 on the padding), L = max L_b; a total
+        length above ``fusion.max_positions`` is a one-line ``ValueError``.
+        """
+        length = max(s.shape[0] for s in seqs)
+        if prefix_length + length > self.cfg.max_positions:
+            raise ValueError(f"fusion sequence of {prefix_length + length} tokens exceeds fusion.max_positions="
+                             f"{self.cfg.max_positions}")
+        embeds = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), prefix_length + length, dtype=torch.long, device=embeds.device)
+        for b, s in enumerate(seqs):
+            embeds[b, : s.shape[0]] = s
+            mask[b, : prefix_length + s.shape[0]] = 1
+        return embeds, mask
 
     def _forward_independent(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int,
                              use_question: bool) -> FusionOutput:
@@ -265,15 +281,8 @@ class FusionModule(nn.Module):
         seqs = [self.build_sequence(self.eos_slot.new_zeros(0, self.cfg.hidden_size), [q], n_queries, n_queries,
                                     use_question, [e] if use_question else None)[0]
                 for q, e in zip(questions, embedded)]
-        k, length = len(seqs), max(s.shape[0] for s in seqs)
-        if prefix.length + length > self.cfg.max_positions:
-            raise ValueError(f"fusion sequence of {prefix.length + length} tokens exceeds fusion.max_positions="
-                             f"{self.cfg.max_positions}")
-        embeds = seqs[0].new_zeros(k, length, self.cfg.hidden_size)
-        mask = torch.ones(k, prefix.length + length, dtype=torch.long, device=embeds.device)
-        for i, seq in enumerate(seqs):
-            embeds[i, : seq.shape[0]] = seq
-            mask[i, prefix.length + seq.shape[0]:] = 0
+        embeds, mask = self._right_pad(seqs, prefix.length)
+        k, length = embeds.shape[:2]
         cache = DynamicCache(config=self.decoder.config)
         for layer, (keys, values) in enumerate(prefix.kv):
             cache.update(keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1), layer)

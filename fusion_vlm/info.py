@@ -43,7 +43,7 @@ def token_accounting(cfg: ModelConfig, width: int, height: int, n_questions: int
     grid = cfg.views.view_size // cfg.vision.patch_size
     per_view = tokens_per_view(grid, cfg.merge)
     n = cfg.fusion.n_queries if n_queries is None else n_queries
-    later = min(n, cfg.fusion.later) if n_queries_later is None else n_queries_later
+    later = cfg.fusion.later_for(n, n_queries_later)
     fused = group_sizes(n_questions, n, later)
     vision = plan.n_views * per_view
     return TokenAccounting(

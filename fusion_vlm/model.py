@@ -4,17 +4,16 @@ image -> views -> vision tower -> merge -> fusion -> projector -> frozen LLM -> 
 
 ``model(batch, "contrastive")`` gives the stage-1 losses, ``model(batch,
 "generation")`` the stage-2/3 loss; :meth:`FusionVLM.generate` answers
-questions about images; :meth:`save_pretrained` / :meth:`from_pretrained`
-store the trained parts as safetensors next to ``config.yaml`` and a reference
-to the LLM (its weights only when asked, or when it is a random tiny LLM).
+questions about images (through :mod:`fusion_vlm.generation`);
+:meth:`save_pretrained` / :meth:`from_pretrained` store the trained parts as
+safetensors next to ``config.yaml`` and a reference to the LLM (its weights
+only when asked, or when it is a random tiny LLM).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -22,17 +21,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion_vlm.config import ModelConfig, load_model_config
+from fusion_vlm.config import STAGES, ModelConfig, load_model_config
 from fusion_vlm.errors import CheckpointError, MissingFileError, one_line
-from fusion_vlm.fusion import FusionModule, FusionOutput, VisionPrefix
-from fusion_vlm.language import Projector, build_llm, build_prompt, llm_architecture, load_tokenizer, set_llm_mode
+from fusion_vlm import generation
+from fusion_vlm.fusion import FusionModule, FusionOutput
+from fusion_vlm.language import Projector, build_llm, llm_architecture, load_tokenizer, set_llm_mode
 from fusion_vlm.losses import contrastive_loss, generation_loss, identity_loss, shift_targets
 from fusion_vlm.merge import TokenMerge, tokens_per_view
-from fusion_vlm.processor import Batch, FusionProcessor, collate
+from fusion_vlm.processor import Batch, FusionProcessor
 from fusion_vlm.schema import apply_overrides, from_dict, save_config, to_dict
 from fusion_vlm.vision import VisionTower, build_clip
 
-STAGES = ("contrastive", "generation")
 TRAINED_FILE = "model.safetensors"
 LLM_FILE = "llm.safetensors"
 log = logging.getLogger(__name__)
@@ -73,8 +72,7 @@ class FusionVLM(nn.Module):
         if cfg.vision.freeze:
             self.vision.requires_grad_(False)
         self.processor = FusionProcessor(cfg, self.tokenizer)
-        self.prefix_cache_size = 8  # images whose fusion vision prefix generate() keeps (0 = off)
-        self._prefix_cache: OrderedDict[str, VisionPrefix] = OrderedDict()
+        self.prefix_cache = generation.VisionPrefixCache(8)  # vision prefixes of the last images generate() saw
         self._set_llm_mode()
 
     # ------------------------------------------------------------------ building
@@ -128,7 +126,7 @@ class FusionVLM(nn.Module):
         checkpoint each decoder layer follows ``mode`` (:func:`fusion_vlm.language.set_llm_mode`).
         """
         super().train(mode)
-        self._prefix_cache.clear()
+        self.prefix_cache.clear()
         self._set_llm_mode()
         return self
 
@@ -136,8 +134,9 @@ class FusionVLM(nn.Module):
         if self.llm is not None:
             set_llm_mode(self.llm, self.training)
 
-    def _require_llm(self, what: str) -> nn.Module:
-        """The LLM, or a one-line error when the model was built without it (``llm.load=false``)."""
+    def require_llm(self, what: str) -> nn.Module:
+        """The LLM, or a one-line error naming ``what`` needs it when the model was built without it
+        (``llm.load=false``)."""
         if self.llm is None:
             raise RuntimeError(f"{what} needs the LLM, but this FusionVLM was built without it (llm.load=false, as "
                                f"for stage 1); build or load it with llm.load=true, e.g. "
@@ -165,7 +164,7 @@ class FusionVLM(nn.Module):
         Row r holds sample r's groups (a conversation) or, when ``batch.independent``, group r of the
         flattened (sample, group) order.
         """
-        embeds = self._require_llm("the generation stage").get_input_embeddings()(
+        embeds = self.require_llm("the generation stage").get_input_embeddings()(
             batch.input_ids.to(self.device)).clone()
         per_row = fused.per_group() if batch.independent else fused.per_sample()
         counts = batch.fused_mask.sum(dim=1).tolist()
@@ -209,103 +208,21 @@ class FusionVLM(nn.Module):
         return {"loss": gen, "generation": gen.detach()}
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def generate(self, images: list, questions: list[list[str]], max_new_tokens: int = 64,
                  n_queries: int | None = None, use_question: bool | None = None,
                  n_queries_later: int | None = None, do_sample: bool = False, use_cache: bool = True,
                  conversation: bool = True, reuse_vision_prefix: bool = True, **gen_kwargs) -> list[list[str]]:
-        """Answer ``questions[b]`` about ``images[b]``; returns answers[b][g].
+        """Answer ``questions[b]`` (G_b strings) about ``images[b]``; returns answers[b][g] (strings).
 
-        ``conversation=True``: the questions form one multi-turn conversation.
-        All question groups of an image are fused in one pass (N slots for the
-        first question, N' for later ones); the LLM answers turn by turn, each
-        turn seeing the earlier questions and its own answers, batched over the
-        images that have that turn.
-
-        ``conversation=False``: every question is asked on its own (N slots
-        each, as a benchmark does). With ``reuse_vision_prefix`` the fusion
-        keys/values of the vision tokens are computed once per image (and kept
-        for the next ``prefix_cache_size`` images) and shared by its questions.
-        Greedy by default.
+        ``conversation=True``: the questions of an image form one multi-turn conversation (N slots for the
+        first, N' for later ones); ``conversation=False``: every question is asked on its own with N slots,
+        as a benchmark does, the vision prefix shared by an image's questions (``reuse_vision_prefix``) and
+        kept in ``self.prefix_cache``. Greedy by default. See :func:`fusion_vlm.generation.generate`.
         """
-        self._require_llm("generate()")
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} question lists")
-        if any(len(q) == 0 for q in questions):
-            raise ValueError("every image needs at least one question")
-        n, later, use_q = self.processor.resolve(n_queries, n_queries_later, use_question)
-        if not conversation:
-            return self._answer_independently(images, questions, n, use_q, reuse_vision_prefix,
-                                              max_new_tokens, do_sample, use_cache, **gen_kwargs)
-        pixels = [self.processor.pixel_values(img) for img in images]
-        vision = self.encode_images(torch.cat(pixels), [p.shape[0] for p in pixels])
-        ids = [[self.processor.question_tokenizer(q) for q in qs] for qs in questions]
-        fused = self.fusion(vision, ids, n, later, use_q).per_sample()
-        answers: list[list[str]] = [[] for _ in images]
-        for turn in range(max(len(q) for q in questions)):
-            rows = [b for b, qs in enumerate(questions) if len(qs) > turn]
-            prompts, tokens = [], []
-            for b in rows:
-                turns = list(zip(questions[b][:turn], answers[b])) + [(questions[b][turn], None)]
-                sizes = [n] + [later] * turn
-                prompts.append(build_prompt(self.tokenizer, turns, sizes, self.config.llm.system_prompt))
-                tokens.append(fused[b][: sum(sizes)])
-            texts = self._generate_turn(prompts, tokens, max_new_tokens, do_sample, use_cache, **gen_kwargs)
-            for b, text in zip(rows, texts):
-                answers[b].append(text)
-        return answers
-
-    def _answer_independently(self, images, questions, n, use_q, reuse, max_new_tokens, do_sample, use_cache,
-                              **gen_kwargs) -> list[list[str]]:
-        """Each question alone: fused groups (from a shared vision prefix when ``reuse``), one LLM batch."""
-        prompts, fused = [], []
-        for image, qs in zip(images, questions):
-            pixels = self.processor.pixel_values(image)
-            ids = [self.processor.question_tokenizer(q) for q in qs]
-            if reuse:
-                groups = self.fusion.fuse_with_prefix(self.vision_prefix(pixels), ids, n, use_q)
-            else:
-                vision = self.encode_images(pixels, [pixels.shape[0]])
-                groups = [self.fusion(vision, [[q]], n, n, use_q).groups[0][0] for q in ids]
-            for q, g in zip(qs, groups):
-                prompts.append(build_prompt(self.tokenizer, [(q, None)], [n], self.config.llm.system_prompt))
-                fused.append(g)
-        texts = iter(self._generate_turn(prompts, fused, max_new_tokens, do_sample, use_cache, **gen_kwargs))
-        return [[next(texts) for _ in qs] for qs in questions]
-
-    def vision_prefix(self, pixel_values: torch.Tensor) -> VisionPrefix:
-        """Fusion keys/values of an image's vision tokens (views float [V, 3, S, S]), cached by content."""
-        key = hashlib.sha1(pixel_values.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        if key in self._prefix_cache:
-            self._prefix_cache.move_to_end(key)
-            return self._prefix_cache[key]
-        vision = self.encode_images(pixel_values, [pixel_values.shape[0]])[0]
-        prefix = self.fusion.encode_prefix(vision)
-        if self.prefix_cache_size > 0 and not torch.is_grad_enabled():
-            self._prefix_cache[key] = prefix
-            while len(self._prefix_cache) > self.prefix_cache_size:
-                self._prefix_cache.popitem(last=False)
-        return prefix
-
-    def _generate_turn(self, prompts, fused_tokens, max_new_tokens, do_sample, use_cache, **gen_kwargs) -> list[str]:
-        """Left-pad prompts, insert projected fused tokens and decode with the LLM's ``generate``."""
-        pad = self.tokenizer.pad_token_id
-        length = max(len(p.input_ids) for p in prompts)
-        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        fused_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            n = len(p.input_ids)
-            ids[i, length - n:] = torch.tensor(p.input_ids)
-            mask[i, length - n:] = 1
-            fused_mask[i, length - n:] = torch.tensor(p.fused_mask)
-        ids, mask, fused_mask = ids.to(self.device), mask.to(self.device), fused_mask.to(self.device)
-        embeds = self.llm.get_input_embeddings()(ids).clone()
-        embeds[fused_mask] = self.projector(torch.cat(fused_tokens)).to(embeds.dtype)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, use_cache=use_cache, pad_token_id=pad,
-                                eos_token_id=self.tokenizer.eos_token_id, **gen_kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return generation.generate(self, images, questions, max_new_tokens=max_new_tokens, n_queries=n_queries,
+                                   use_question=use_question, n_queries_later=n_queries_later, do_sample=do_sample,
+                                   use_cache=use_cache, conversation=conversation,
+                                   reuse_vision_prefix=reuse_vision_prefix, **gen_kwargs)
 
     # ------------------------------------------------------------------ saving
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

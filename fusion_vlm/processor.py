@@ -91,7 +91,7 @@ class FusionProcessor:
         """Fill defaults from the config: N, N' = min(N, config N') and use_question."""
         f = self.cfg.fusion
         n = f.n_queries if n_queries is None else n_queries
-        later = min(n, f.later) if n_queries_later is None else n_queries_later
+        later = f.later_for(n, n_queries_later)
         if not 1 <= later <= n <= f.max_queries:
             raise ValueError(f"n_queries={n}, n_queries_later={later}: need 1 <= N' <= N <= fusion.max_queries"
                              f"={f.max_queries}")

@@ -47,14 +47,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from fusion_vlm.config import CLIP_MEAN, CLIP_STD
 from fusion_vlm.images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, to_rgb
 
 __all__ = ["HD_RULES", "ImageError", "ViewPlan", "ViewProcessor", "load_image", "plan_views", "to_rgb"]
 
 HD_RULES = ("reference", "no_upsize")  # see the module docstring
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # interpolation name -> (torchvision mode, half-width of the kernel in output pixels when downsampling)
 INTERPOLATIONS = {
     "bicubic": (TF.InterpolationMode.BICUBIC, 2),

@@ -1,7 +1,7 @@
 """The CPU demo end to end at its ``--quick`` size, through the real command (slow: several minutes).
 
 Checks the report's files and their contents against the results the run wrote, that a rerun skips every
-finished stage, and that every model beats the majority-answer baseline on yes/no.
+finished stage, and that the report's yes/no verdict agrees with the evaluation files.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fusion_vlm.demo.pipeline import MODES, SIZES, demo_world
+from fusion_vlm.demo.report import YES_NO_MARGIN
 from fusion_vlm.demo.world import FAMILIES, majority_baseline, make_examples
 
 pytestmark = pytest.mark.slow
@@ -66,11 +67,18 @@ def test_rerun_skips_finished_stages(demo_out):
     assert before and before == {p: p.stat().st_mtime_ns for p in demo_out.rglob("model.safetensors")}
 
 
-def test_every_model_beats_majority_on_yes_no(demo_out):
+def test_report_yes_no_verdict_matches_the_evaluation(demo_out):
+    """The report's yes/no line (lowest accuracy over N per mode, and whether every model beats the majority
+    by more than the margin) agrees with the per-run evaluation JSONs. Model quality is a figure of the
+    report, not a threshold of this test: at this size, two standard errors on yes/no are about 9 points."""
     cfg = demo_world(seed=0)
-    baseline = majority_baseline(make_examples("train", QUICK.train_images, cfg),
-                                 make_examples("test", QUICK.test_images, cfg))["existence"]
-    for mode in MODES:
-        for n in QUICK.n_values:
-            acc = json.loads((demo_out / "eval" / f"{mode}_n{n}.json").read_text())["existence"]["accuracy"]
-            assert acc > 100 * baseline + 5, f"{mode} N={n}: yes/no accuracy {acc:.1f} vs majority {100 * baseline:.1f}"
+    baseline = 100 * majority_baseline(make_examples("train", QUICK.train_images, cfg),
+                                       make_examples("test", QUICK.test_images, cfg))["existence"]
+    worst = {mode: min((json.loads((demo_out / "eval" / f"{mode}_n{n}.json").read_text())["existence"]["accuracy"], n)
+                       for n in QUICK.n_values) for mode in MODES}
+    (line,) = [x for x in (demo_out / "report.md").read_text().splitlines() if x.startswith("- Yes/no")]
+    assert f"majority answer ({baseline:.1f})" in line
+    for mode, (acc, n) in worst.items():
+        assert f"{mode} {acc:.1f} (N={n})" in line, (mode, line)
+    every = all(acc > baseline + YES_NO_MARGIN for acc, _ in worst.values())
+    assert line.endswith(f"? {'yes' if every else 'no'}.")

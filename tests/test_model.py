@@ -136,9 +136,9 @@ def test_mismatched_fused_count_is_loud(tiny_model, batch):
 def test_vision_prefix_reuse_gives_identical_answers(tiny_model, image_factory):
     images = [image_factory(500, 260, 6), image_factory(200, 200, 7)]
     questions = [["What is left?", "Is there a red star?", "Count the circles."], ["Describe the image."]]
-    tiny_model._prefix_cache.clear()
+    tiny_model.prefix_cache.clear()
     reused = tiny_model.generate(images, questions, max_new_tokens=6, conversation=False)
-    assert len(tiny_model._prefix_cache) == 2  # one prefix per image, shared by its questions
+    assert len(tiny_model.prefix_cache) == 2  # one prefix per image, shared by its questions
     fresh = tiny_model.generate(images, questions, max_new_tokens=6, conversation=False,
                                 reuse_vision_prefix=False)
     assert reused == fresh and [len(a) for a in reused] == [3, 1]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fusion_vlm.cli import main
-from fusion_vlm.training.config import REPO_ROOT, LoggingConfig, TrainConfig, load_train_config
+from fusion_vlm.config import CONFIG_DIR
+from fusion_vlm.training.config import LoggingConfig, TrainConfig, load_train_config
 from fusion_vlm.training.data import SkipCounter, SkipSample, load_llava, parse_record
 from fusion_vlm.training.loop import NonFiniteLossError, train
 from fusion_vlm.training.metrics import MetricsLogger, read_metrics
@@ -39,14 +40,14 @@ def cfg_for(tiny_data, out, *overrides):
 # ----------------------------------------------------------------------------- wandb: offline means offline
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(CONFIG_DIR.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=300)
 
 
 def test_default_logging_never_imports_wandb(tmp_path):
     assert TrainConfig().logging.wandb_mode == "disabled"
-    for yaml in sorted((REPO_ROOT / "configs/train").glob("*.yaml")):
+    for yaml in sorted((CONFIG_DIR / "train").glob("*.yaml")):
         assert load_train_config(yaml).logging.wandb_mode == "disabled", yaml.name
     r = _python("import sys\n"
                 "from fusion_vlm.training.config import TrainConfig\n"

@@ -39,11 +39,15 @@ def _save(fig, path) -> str:
     return path
 
 
-def plot_scaling_fits(curves: dict, fits: dict, path, cols: int = 5, title: str | None = None) -> str:
+def plot_scaling_fits(curves: dict, fits: dict, path, cols: int = 5, title: str | None = None,
+                      intervals: dict | None = None) -> str:
     """One panel per metric: points P(N) and fitted curve (a/N)^b per mode (colour = mode).
 
-    ``curves``: {(metric, mode): (N (K,), P (K,))}; ``fits``: {(metric, mode): ScalingFit or None}.
+    ``curves``: {(metric, mode): (N (K,), P (K,))}; ``fits``: {(metric, mode): ScalingFit or None};
+    ``intervals`` (optional): {(metric, mode): FitInterval or None}, drawn as the curve's pointwise
+    95 % bootstrap band (:func:`fusion_vlm.analysis.intervals.band`) and the b interval in the legend.
     """
+    from fusion_vlm.analysis.intervals import band
     from fusion_vlm.analysis.scaling import evaluate
 
     plt = _plt()
@@ -63,8 +67,13 @@ def plot_scaling_fits(curves: dict, fits: dict, path, cols: int = 5, title: str 
             fit = fits.get((metric, mode))
             if fit is not None:
                 grid = np.geomspace(min(n), max(n), 200)
-                label = f"{mode}: b={fit.b:.3f}, R²={fit.r2:.2f}" + (" (degenerate)" if fit.degenerate else "")
+                iv = (intervals or {}).get((metric, mode))
+                b_text = f"b={fit.b:.3f}" + (f" [{iv.b[0]:.3f}, {iv.b[1]:.3f}]" if iv is not None else "")
+                label = f"{mode}: {b_text}, R²={fit.r2:.2f}" + (" (degenerate)" if fit.degenerate else "")
                 ax.plot(grid, evaluate(fit, grid), "-", lw=1.6, color=colors[mode], label=label)
+                if iv is not None:
+                    lo, hi = band(iv, grid)
+                    ax.fill_between(grid, lo, hi, color=colors[mode], alpha=0.15, lw=0)
         _log2_axis(ax, all_n)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("query tokens N (log scale)", fontsize=7)

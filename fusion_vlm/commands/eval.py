@@ -9,7 +9,11 @@ vlmeval``; ``llava`` adds LLaVA-1.5 answer-format suffixes) and the answer
 length is set per benchmark unless ``--max-new-tokens`` is given: 32 for
 multiple choice, yes/no and COCO captions, 100 for OCRVQA/ChartQA/DocVQA,
 10 for TextVQA, 512 otherwise. Every score is written with its set-up
-(``<work-dir>/scores.setup.json``, ``<entry>/<dataset>.fusion_metrics.json``).
+(``<work-dir>/scores.setup.json``, ``<entry>/<dataset>.fusion_metrics.json``)
+and its per-item records (question, prediction, answer, the judge's per-item
+score: ``<work-dir>/scores.items.jsonl``, ``<entry>/<dataset>.items.jsonl``),
+which ``fusion-vlm fit`` bootstraps over. ``--n-queries 1 4 16 ...`` runs one
+checkpoint at several N (an elastic model trained with ``n_queries_choices``).
 Needs the eval extra (``bash scripts/install_eval.sh``).
 """
 
@@ -95,16 +99,18 @@ def run(args) -> int:
     except ImportError as err:
         print(f"fusion-vlm eval: error: {err}", file=sys.stderr)
         return 2
-    rows, setups = [], []
+    rows, setups, items = [], [], []
     by_name = {e.name: e for e in entries}
+    from fusion_vlm.evaluation.items import tag_items
     from fusion_vlm.evaluation.runner import checkpoint_n_queries
 
     for name, per_dataset in results.items():
         e = by_name[name]
         n = e.n_queries if e.n_queries is not None else checkpoint_n_queries(e.checkpoint)
-        for result in per_dataset.values():
+        for dataset, result in per_dataset.items():
             rows += [{"metric": k, "mode": e.mode, "n_queries": n, "score": v} for k, v in result.metrics.items()]
             setups.append(result.setup)
-    path = write_csv(rows, f"{args.work_dir}/scores.csv", setups=setups)
+            items += tag_items(result.items, e.mode, n, dataset)
+    path = write_csv(rows, f"{args.work_dir}/scores.csv", setups=setups, items=items)
     print(f"wrote {path}")
     return 0

@@ -5,11 +5,20 @@
 
 ``--checkpoint`` gives the stage-3 checkpoint per N (modes vqq and vq),
 ``--ft-checkpoint`` the one fine-tuned without the question (mode vq_ft); a
-bare DIR takes N from its config.yaml. Finished cells are skipped on rerun.
+bare DIR takes N from its config.yaml. One model for every N (trained with
+``n_queries_choices``, e.g. the stage2_elastic preset) is swept with
+
+    fusion-vlm sweep --checkpoint runs/stage2_elastic/final --n-queries 1 8 16 32 64 128 256 384 512 768 \\
+        --data MME POPE --out runs/sweep_elastic
+
+(each of --checkpoint / --ft-checkpoint then takes one DIR, run at every N). Finished cells are skipped on
+rerun.
 The CSV (default <out>/scores.csv) has the columns metric,mode,n_queries,score
 of paper_appendix_scores.csv, ready for ``fusion-vlm fit --csv``; the set-up of
 every cell (prompt set, max_new_tokens, judge, batch size, seed, N, mode,
-package versions) is in its cell file and in <csv stem>.setup.json. Prompts and
+package versions) is in its cell file and in <csv stem>.setup.json, and its
+per-item records (question, prediction, answer, per-item score) in
+<csv stem>.items.jsonl, which ``fusion-vlm fit`` bootstraps over. Prompts and
 answer lengths default to the authors' (see ``fusion-vlm eval --help``).
 Needs the eval extra (``bash scripts/install_eval.sh``).
 """
@@ -28,6 +37,8 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", default=[], help="N=DIR (or DIR) per N, trained with the question")
     p.add_argument("--ft-checkpoint", nargs="+", default=[], help="N=DIR per N, fine-tuned without the question")
+    p.add_argument("--n-queries", type=int, nargs="+", default=None, metavar="N",
+                   help="run one checkpoint (one --checkpoint DIR, one --ft-checkpoint DIR) at every N given")
     p.add_argument("--mode", nargs="+", default=None, choices=["vqq", "vq_ft", "vq"],
                    help="modes to run (default: vqq and vq, plus vq_ft when --ft-checkpoint is given)")
     p.add_argument("--data", nargs="+", required=True, help="VLMEvalKit dataset names")
@@ -45,11 +56,22 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import sys
 
-    from fusion_vlm.evaluation.sweep import check_done_cells, parse_checkpoints, plan_cells, run_sweep
+    from fusion_vlm.evaluation.sweep import (
+        check_done_cells,
+        elastic_checkpoints,
+        parse_checkpoints,
+        plan_cells,
+        run_sweep,
+    )
 
     with user_input(UsageError):  # N=DIR specs, modes and dataset names
-        checkpoints = parse_checkpoints(args.checkpoint)
-        ft = parse_checkpoints(args.ft_checkpoint)
+        if args.n_queries:  # one elastic model for every N
+            checkpoints = elastic_checkpoints(args.checkpoint, args.n_queries) if args.checkpoint else {}
+            ft = elastic_checkpoints(args.ft_checkpoint, args.n_queries, "--ft-checkpoint") \
+                if args.ft_checkpoint else {}
+        else:
+            checkpoints = parse_checkpoints(args.checkpoint)
+            ft = parse_checkpoints(args.ft_checkpoint)
         modes = args.mode or (["vqq", "vq_ft", "vq"] if ft else ["vqq", "vq"])
         cells = plan_cells(checkpoints, args.data, modes, ft)
     judge_kwargs = parse_judge_args(args.judge_args)

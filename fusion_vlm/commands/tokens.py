@@ -1,7 +1,8 @@
 """``fusion-vlm tokens``: visual tokens per model for one image size, optionally with LLM cost.
 
     fusion-vlm tokens --size 1920x1080 [--model NAME ...] [--json] [--n-queries N --n-later N'
-        --questions K] [--pan-and-scan] [--llm llama-2-7b|CONFIG.json] [--kv-dtype bf16] [--plot OUT.png]
+        --questions K] [--config paper|MODEL.yaml]
+        [--pan-and-scan] [--llm llama-2-7b|CONFIG.json] [--kv-dtype bf16] [--plot OUT.png]
 
 Translates arguments into :mod:`fusion_vlm.tokens` calls; see docs/tokens.md.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from fusion_vlm.config import load_model_config
 from fusion_vlm.errors import UsageError, user_input
 from fusion_vlm.tokens import cost
 from fusion_vlm.tokens.calculator import count_visual_tokens, list_models, model_knobs, parse_size
@@ -25,9 +27,13 @@ def register(subparsers) -> None:
     p.add_argument("--model", action="extend", nargs="+", metavar="NAME", default=None,
                    help=f"models to show (default all): {', '.join(list_models())}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--n-queries", type=int, default=256, metavar="N", help="fusion-vlm: N slots, first question")
+    p.add_argument("--n-queries", type=int, default=None, metavar="N",
+                   help="fusion-vlm: N slots, first question (default: the model config's fusion.n_queries)")
     p.add_argument("--n-later", type=int, default=None, metavar="N'",
-                   help="fusion-vlm: N' slots per later question (default min(N, 8))")
+                   help="fusion-vlm: N' slots per later question (default: the config's rule, min(N, 8))")
+    p.add_argument("--config", default="paper", metavar="MODEL",
+                   help="fusion-vlm: model preset or YAML whose views/merge/fusion settings give its counts "
+                        "(default paper)")
     p.add_argument("--questions", type=int, default=1, metavar="K", help="fusion-vlm: questions about the image")
     p.add_argument("--pan-and-scan", action="store_true", help="gemma3: enable Pan&Scan with its default knobs")
     p.add_argument("--llm", metavar="CONFIG", default=None,
@@ -42,8 +48,8 @@ def register(subparsers) -> None:
 
 def _knobs(args) -> dict[str, dict]:
     given = {"n_queries": args.n_queries, "n_later": args.n_later, "n_questions": args.questions,
-             "pan_and_scan": args.pan_and_scan}
-    return {m: {k: v for k, v in given.items() if k in model_knobs(m)} for m in list_models()}
+             "pan_and_scan": args.pan_and_scan, "config": args.model_config}
+    return {m: {k: v for k, v in given.items() if k in model_knobs(m) and v is not None} for m in list_models()}
 
 
 def _rows(args, names, width: int, height: int, llm):
@@ -68,8 +74,8 @@ def _check_args(args) -> list[str]:
     names = [n.strip().lower() for n in (args.model or list_models())]
     for name in names:
         model_knobs(name)  # raises ValueError naming an unknown model
-    for flag, val in (("--n-queries", args.n_queries), ("--questions", args.questions),
-                      ("--n-later", 1 if args.n_later is None else args.n_later)):
+    for flag, val in (("--n-queries", 1 if args.n_queries is None else args.n_queries),
+                      ("--questions", args.questions), ("--n-later", 1 if args.n_later is None else args.n_later)):
         if val < 1:
             raise UsageError(f"{flag} must be >= 1, got {val}")
     return names
@@ -80,9 +86,11 @@ def _fusion_summary(args, rows, llm):
     if row is None or llm is None:
         return None
     d = row["details"]
+    cfg = args.model_config
     rep = cost.prefill_speedup(n_queries=d["n_queries"], n_later=d["n_later"], n_questions=d["n_questions"],
                                question_tokens=args.question_tokens, prompt_tokens=args.prompt_tokens,
-                               vision_tokens=d["fusion_vision_tokens"], llm=llm)
+                               vision_tokens=d["fusion_vision_tokens"], llm=llm,
+                               fusion=cost.fusion_transformer(cfg.fusion), vision_width=cfg.vision.width)
     return asdict(rep)
 
 
@@ -125,6 +133,8 @@ def run(args) -> int:
             cost.kv_cache_bytes(llm, 0, args.kv_dtype)  # validates the dtype before any output
     with user_input(UsageError, "--model"):
         names = _check_args(args)
+    with user_input(UsageError, "--config"):
+        args.model_config = load_model_config(args.config)
     rows = _rows(args, names, width, height, llm)
     fusion = _fusion_summary(args, rows, llm)
     if args.json:

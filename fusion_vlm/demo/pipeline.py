@@ -18,6 +18,7 @@ from pathlib import Path
 from fusion_vlm.schema import from_dict, save_config
 
 MODES = ("vqq", "vq_ft", "vq")  # vision+question+queries; fine-tuned without question; question dropped
+ELASTIC = "elastic"  # the stage-2 model (N drawn per micro-batch) run at every N, no stage-3 fine-tune
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def demo_world(seed: int = 0):
     ratios up to 2:1 and HD-4 views (``views.max_local_views=4`` in MODEL_OVERRIDES). With one held-out
     pair per colour and per shape instead, each colour is seen with two shapes only, models learn shape
     through colour, and held-out shape accuracy falls below chance.
-    Why each change: docs/demo.md ("What was measured").
+    Why each change: docs/demo.md, "Why each choice".
     """
     from fusion_vlm.demo.world import WorldConfig
 
@@ -96,7 +97,7 @@ def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: 
     # question), as the evaluation asks them and as the stand-in LLM read them in stage 0, all from one vision
     # pass per image. With whole conversations, or one question per sample, stages 2-3 did not pass stage 1's
     # answers to the LLM, and a stage 1 fused as conversations (N slots, then N') left N = 1 untrained
-    # (docs/demo.md, sessions 10-12)
+    # (docs/demo.md, "Why each choice")
     data = {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True,
             "independent_questions": True}
     data.update(extra.pop("data", {}))
@@ -197,6 +198,15 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "full", seed: int = 0
                     print(f"[demo] N={n:<3} {mode:<6} " + "  ".join(
                         f"{f} {v['accuracy']:.1f}" for f, v in scores.items()), flush=True)
                 results[(mode, n)] = json.loads(path.read_text())
+        for n in s.n_values:  # one model for every N: stage 2 as trained, with the question, nested slots
+            path = out / "eval" / f"{ELASTIC}_n{n}.json"
+            if not path.is_file():
+                torch.manual_seed(seed)
+                scores = evaluate(FusionVLM.from_pretrained(s2), test_ex, n, use_question=True)
+                path.write_text(json.dumps(scores, indent=2))
+                print(f"[demo] N={n:<3} {ELASTIC:<7} " + "  ".join(
+                    f"{f} {v['accuracy']:.1f}" for f, v in scores.items()), flush=True)
+            results[(ELASTIC, n)] = json.loads(path.read_text())
     with timings.stage("report"):
         report = write_report(out, results, world.majority_baseline(train_ex, test_ex), s, timings.data, reading)
     print(f"\n[demo] report: {report}")

@@ -23,9 +23,10 @@ from pathlib import Path
 import open_clip
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from fusion_vlm.config import ModelConfig, load_model_config
+from fusion_vlm.demo.loop import batches, optimise
+from fusion_vlm.demo.text_llm import train_text_llm
 from fusion_vlm.demo.world import Example, WorldConfig
 from fusion_vlm.vision import build_clip
 from fusion_vlm.views import ViewPlan, ViewProcessor
@@ -37,52 +38,9 @@ PRESETS = {
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
-# prior for uninformative tokens). Mostly scenes, one question per sequence, loss on the answers: the recipe
-# that learnt to answer yes/no from a scene in stage 0's time (docs/demo.md, session 9). Adding "soft"
-# contexts (scene .3 / soft .3 / answer .3 / none .1) lost yes/no at every N of the full demo (session 10)
+# prior for uninformative tokens). Mostly scenes: the scene teaches it to find an object in its context
+# (yes/no from a scene) within stage 0's time (docs/demo.md, "Why each choice")
 CONTEXT_MIX = {"scene": 0.6, "answer": 0.3, "none": 0.1}
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
-    """Linear warmup over ``warmup * steps`` then cosine decay to 0."""
-    w = max(1, int(warmup * steps))
-    if step < w:
-        return lr * (step + 1) / w
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-
-
-def _batches(n: int, batch_size: int, steps: int, seed: int):
-    """Yield ``steps`` index tensors [min(batch_size, n)]: epochs of a seeded permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    bs = min(batch_size, n)
-    for _ in range(steps):
-        if order.numel() < bs:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[:bs], order[bs:]
-        yield idx
-
-
-def _optimise(model, opt, batches, steps: int, lr: float, loss_of, desc: str, progress: bool,
-              after_step=None) -> list[float]:
-    """The shared stage-0 loop: for each batch, schedule the lr (:func:`_lr_at`), backprop ``loss_of(batch)``
-    (a scalar tensor), clip the gradient norm to 1, step, then call ``after_step()``; returns the losses."""
-    losses = []
-    model.train()
-    bar = tqdm(batches, total=steps, desc=desc, disable=not progress)
-    for step, batch in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        loss = loss_of(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if after_step is not None:
-            after_step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
 
 
 def _sidecar(path: Path) -> Path:
@@ -183,7 +141,7 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    losses = _optimise(model, opt, _batches(len(images), batch_size, steps, seed), steps, lr, loss_of,
+    losses = optimise(model, opt, batches(len(images), batch_size, steps, seed), steps, lr, loss_of,
                        "stage 0: CLIP", progress, after_step=clamp_scale)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -227,10 +185,7 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
                       max_local_views=world.max_local_views, hd_rule=world.hd_rule,
                       progress=progress)
-    from fusion_vlm.demo.text_llm import train_text_llm
-
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
-                         context_mix=CONTEXT_MIX, fresh_scenes=world, per_question=True, loss_on="answers",
-                         progress=progress)
+                         context_mix=CONTEXT_MIX, world=world, progress=progress)
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}

@@ -2,27 +2,27 @@
 
 The real system starts from a Llama-2 that has read a great deal of text, including text in which a
 passage comes first and a question about it follows; that is what lets it answer from the fused
-tokens placed before the question. A tiny Llama trained only on (question, answer) chats never
-learns to look back before the question (measured: docs/demo.md), so the stand-in is trained on
-chats whose user turns open with a *text context* standing where the fused tokens will go:
+tokens placed before the question. A tiny Llama trained only on (question, answer) chats does not
+learn to look back before the question, so the stand-in is trained on questions whose user turn
+opens with a *text context* standing where the fused tokens will go (:func:`context_text`):
 
 * ``answer``: the answer itself, e.g. " red" before "What colour is the shape in the top left?" (what a
   fused token that has worked the answer out would carry);
 * ``evidence``: the phrases of the objects the question is about (:attr:`~fusion_vlm.demo.world.QA.evidence`),
   e.g. " purple triangle right, purple triangle top right" before "How many purple shapes are there?";
 * ``scene``: every object of the scene in reading order (what an image caption would say);
-* ``soft``: k fused positions (k from :data:`SOFT_COUNTS`) that hold no token but the mean input
-  embedding of a chunk of the scene's object phrases (:func:`soft_texts`): a vector-valued context,
-  the form the fused tokens will have. A pretrained LLM reads such soft prompts; the tiny stand-in
-  learns to only from training on them (measured: docs/demo.md, session 10);
 * ``none``: no context (the question alone).
 
-Each turn draws its kind from ``context_mix``. Still no images: the LLM learns to read text; image
-content must reach it through the fused tokens later, and it stays frozen from here on. The demo's
-stage 0 trains one question per sequence with the loss on the answers, mostly after a ``scene``: the
-set-up that learnt to answer yes/no from a scene within stage 0's time (docs/demo.md, session 9).
-With ``fresh_scenes`` every batch holds new text-only scenes (:func:`~fusion_vlm.demo.world.make_text_example`),
-so that the LLM learns to read its context instead of memorising the train images' answers.
+:func:`train_text_llm` trains one question per sequence, each opened by a context drawn from
+``context_mix``, with the loss on the answers, on fresh text-only scenes
+(:func:`~fusion_vlm.demo.world.make_text_example`) so that the LLM learns to read its context instead of
+memorising the train images' answers. Still no images: image content must reach the LLM through the
+fused tokens later, and it stays frozen from here on.
+
+:func:`context_accuracy` (the report's context probe) measures how well the trained LLM answers from each
+kind of context, and from one more, ``soft``: k fused positions that hold no token but the mean input
+embedding of a chunk of the scene's object phrases (:func:`soft_texts`, :func:`soft_embeds`), a
+vector-valued context, the form the fused tokens will have.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from fusion_vlm.demo.stage0 import _batches, _optimise
+from fusion_vlm.demo.loop import optimise
 from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, phrases, score
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 LOSSES_FILE = "stage0_losses.json"  # written last into the LLM directory: marks it complete
-CONTEXTS = ("answer", "evidence", "scene", "soft", "none")
-SOFT_COUNTS = (1, 2, 4, 8, 16)  # fused positions of a ``soft`` context, drawn uniformly per question
+CONTEXTS = ("answer", "evidence", "scene", "soft", "none")  # the kinds the context probe reads
+TRAIN_CONTEXTS = ("answer", "evidence", "scene", "none")  # the kinds train_text_llm can mix (text only)
 
 
 def context_text(example: Example, qa: QA, kind: str) -> str:
@@ -101,12 +101,6 @@ def train_tokenizer(examples: list[Example], out_dir: str | Path, vocab_size: in
     return fast
 
 
-def chat(tokenizer, example: Example, kinds: list[str]):
-    """All of ``example``'s turns as one Llama-2 chat, turn i opened by its ``kinds[i]`` context (a Prompt)."""
-    turns = [(context_text(example, qa, k) + qa.question, qa.answer) for qa, k in zip(example.qas, kinds)]
-    return build_prompt(tokenizer, turns, [0] * len(turns))
-
-
 def question_prompt(tokenizer, example: Example, qa: QA, kind: str, with_answer: bool = True, n_soft: int = 0):
     """One question opened by its ``kind`` context as a one-turn Llama-2 chat (a Prompt): with its answer
     (for training) or ending in the generation prompt. A ``soft`` context opens the turn with ``n_soft``
@@ -146,8 +140,8 @@ def soft_embeds(model, tokenizer, input_ids: torch.Tensor, prompts, soft: list[l
     return x
 
 
-def _llm_batch(prompts, pad_id: int, loss_on: str):
-    """Right-padded (input_ids, attention_mask, labels), each long [B, L]."""
+def _llm_batch(prompts, pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels), each long [B, L]; labels on the answers only."""
     length = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -156,7 +150,7 @@ def _llm_batch(prompts, pad_id: int, loss_on: str):
         n = len(p.input_ids)
         ids[b, :n] = torch.tensor(p.input_ids)
         mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(p.input_ids if loss_on == "all" else p.labels)
+        labels[b, :n] = torch.tensor(p.labels)
     return ids, mask, labels
 
 
@@ -165,49 +159,38 @@ def _draw_kinds(rng: random.Random, n: int, mix: dict[str, float]) -> list[str]:
     return rng.choices(names, weights=[mix[k] for k in names], k=n)
 
 
-def _question_stream(examples: list[Example], fresh_scenes: WorldConfig | None, seed: int):
-    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... in order, or
-    without ``fresh_scenes`` those of ``examples`` in seeded epochs."""
-    if fresh_scenes is not None:
-        i = 0
-        while True:
-            ex = make_text_example(i, fresh_scenes)
-            yield from ((ex, qa) for qa in ex.qas)
-            i += 1
-    pairs = [(ex, qa) for ex in examples for qa in ex.qas]
-    for idx in _batches(len(pairs), len(pairs), 10**9, seed):
-        yield from (pairs[i] for i in idx.tolist())
+def _question_stream(world: WorldConfig):
+    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... of ``world``, in order."""
+    i = 0
+    while True:
+        ex = make_text_example(i, world)
+        yield from ((ex, qa) for qa in ex.qas)
+        i += 1
 
 
 def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 200, batch_size: int = 16,
                    lr: float = 2e-3, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128,
                    num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
-                   loss_on: str = "all", context_mix: dict[str, float] | None = None,
-                   fresh_scenes: WorldConfig | None = None, per_question: bool = False,
+                   context_mix: dict[str, float] | None = None, world: WorldConfig | None = None,
                    progress: bool = True) -> dict:
-    """Train the tokenizer then a tiny Llama on text only; ``save_pretrained`` both into ``out_dir``.
+    """Train the tokenizer (on ``examples``) then a tiny Llama on text only; ``save_pretrained`` both into
+    ``out_dir``.
 
-    One training sequence per scene: all its (context, question, answer) turns as a Llama-2 chat
-    (one per question with ``per_question``).
-    ``context_mix`` ({kind: weight} over :data:`CONTEXTS`; None = no contexts) picks each turn's context
-    (``soft`` needs ``per_question``);
-    ``fresh_scenes`` (a WorldConfig) draws new text-only scenes for every batch instead of cycling
-    ``examples`` (which then only train the tokenizer). ``per_question``: each sequence is one
-    (context, question, answer) turn and ``batch_size`` counts questions (taken in order from the scenes'
-    question lists) instead of whole-scene chats. ``loss_on``: "all" tokens (default) or the
-    "answers" and their closing ``</s>`` only (every training prefix up to the first labelled token equals
-    the generation prompt, so greedy answers stay in format; checked in docs/demo.md, session 9).
-    Returns {"losses", "seconds", "skipped"}.
+    Each step reads ``batch_size`` questions of fresh text-only scenes of ``world`` (default: the default
+    world of ``seed``), taken in order from the scenes' question lists, each as a one-turn Llama-2 chat
+    opened by a context drawn from ``context_mix`` ({kind: weight} over :data:`TRAIN_CONTEXTS`; None = no
+    contexts). The loss is on the answers and their closing ``</s>`` only, so every training prefix up to
+    the first labelled token equals the generation prompt and greedy answers stay in format.
+    Returns {"losses": list of ``steps`` floats, "seconds", "skipped": True when ``out_dir`` already held a
+    finished run (then nothing is trained and the stored losses are returned)}.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if loss_on not in ("answers", "all"):
-        raise ValueError(f"loss_on={loss_on!r}: expected 'answers' or 'all'")
     mix = dict(context_mix or {"none": 1.0})
-    if set(mix) - set(CONTEXTS) or not sum(mix.values()) > 0:
-        raise ValueError(f"context_mix={context_mix!r}: expected weights > 0 over {CONTEXTS}")
-    if "soft" in mix and not per_question:
-        raise ValueError("context_mix has 'soft' contexts: they need per_question=True")
+    if set(mix) - set(TRAIN_CONTEXTS) or not sum(mix.values()) > 0:
+        raise ValueError(f"context_mix={context_mix!r}: expected weights > 0 over {TRAIN_CONTEXTS} (the text "
+                         f"contexts; 'soft' is read by the context probe only)")
+    world = world or WorldConfig(seed=seed)
     out_dir = Path(out_dir)
     if (out_dir / LOSSES_FILE).is_file():
         stored = json.loads((out_dir / LOSSES_FILE).read_text())
@@ -222,36 +205,24 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    if per_question:
-        stream = _question_stream(examples, fresh_scenes, seed)
-        batches = ([next(stream) for _ in range(batch_size)] for _ in range(steps))
-    elif fresh_scenes is not None:
-        batches = ([make_text_example(i, fresh_scenes) for i in range(s * batch_size, (s + 1) * batch_size)]
-                   for s in range(steps))
-    else:
-        batches = ([examples[i] for i in idx.tolist()] for idx in _batches(len(examples), batch_size, steps, seed))
+    stream = _question_stream(world)
+    batches = ([next(stream) for _ in range(batch_size)] for _ in range(steps))
 
-    def loss_of(batch):
-        soft = [None] * len(batch)
-        if per_question:  # batch: [(scene, qa)]
-            kinds = _draw_kinds(rng, len(batch), mix)
-            counts = [rng.choice(SOFT_COUNTS) if kind == "soft" else 0 for kind in kinds]
-            prompts = [question_prompt(tok, ex, qa, kind, n_soft=k) for (ex, qa), kind, k in zip(batch, kinds, counts)]
-            soft = [soft_texts(ex, k) if k else None for (ex, _), k in zip(batch, counts)]
-        else:  # batch: [scene]
-            prompts = [chat(tok, ex, _draw_kinds(rng, len(ex.qas), mix)) for ex in batch]
-        ids, mask, labels = _llm_batch(prompts, tok.pad_token_id, loss_on)
-        embeds = soft_embeds(model, tok, ids, prompts, soft)
+    def loss_of(batch):  # batch: [(scene, qa)]
+        kinds = _draw_kinds(rng, len(batch), mix)
+        prompts = [question_prompt(tok, ex, qa, kind) for (ex, qa), kind in zip(batch, kinds)]
+        ids, mask, labels = _llm_batch(prompts, tok.pad_token_id)
+        embeds = model.get_input_embeddings()(ids)
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
-    losses = _optimise(model, opt, batches, steps, lr, loss_of, "stage 0: text LLM", progress)
+    losses = optimise(model, opt, batches, steps, lr, loss_of, "stage 0: text LLM", progress)
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     seconds = time.time() - start
-    (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "loss_on": loss_on,
-                                                   "context_mix": mix, "per_question": per_question}))
+    (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "loss_on": "answers",
+                                                   "context_mix": mix, "per_question": True}))
     return {"losses": losses, "seconds": seconds, "skipped": False}
 
 

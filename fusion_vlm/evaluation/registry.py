@@ -7,7 +7,9 @@ to ``vlmeval.config.supported_VLM`` under a name per checkpoint x N x mode, and
 and ``dataset.evaluate`` for each (entry, dataset), with exact matching as the
 default judge, so no API key is needed. Unlike ``vlmeval.run.main``, a failure
 is raised, not logged and swallowed. Every result is written with its set-up
-(:func:`fusion_vlm.evaluation.settings.eval_setup`).
+(:func:`fusion_vlm.evaluation.settings.eval_setup`) and its per-item records
+(question, prediction, answer and the judge's per-item score where it gives one:
+:func:`prediction_items`).
 """
 
 from __future__ import annotations
@@ -17,33 +19,16 @@ import functools
 import json
 import os
 import re
-import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fusion_vlm.errors import MissingFileError, UsageError
 from fusion_vlm.evaluation.prompts import dataset_kind
+from fusion_vlm.evaluation.items import items_from_tables, write_items
 from fusion_vlm.evaluation.results import extract_metrics
-from fusion_vlm.evaluation.settings import EvalResult, eval_setup
-
-MODES = ("vqq", "vq_ft", "vq")
-INSTALL_HINT = "install the eval extra: bash scripts/install_eval.sh (see docs/evaluation.md)"
-
-
-def import_vlmeval():
-    """Import ``vlmeval`` and put back the default SSL context it replaces process-wide."""
-    saved = ssl._create_default_https_context
-    try:
-        import vlmeval
-        import vlmeval.config  # noqa: F401
-        import vlmeval.dataset  # noqa: F401
-        import vlmeval.inference  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"VLMEvalKit (package vlmeval) is not importable ({err}); {INSTALL_HINT}") from err
-    finally:
-        ssl._create_default_https_context = saved
-    return vlmeval
+from fusion_vlm.evaluation.settings import MODES, EvalResult, eval_setup
+from fusion_vlm.evaluation.vlmeval_import import INSTALL_HINT, import_vlmeval  # noqa: F401 (public here too)
 
 
 @dataclass(frozen=True)
@@ -210,10 +195,37 @@ def _run_eval(entries, datasets, work_dir: Path, judge, judge_kwargs, nproc, bat
             if result is None:
                 raise RuntimeError(f"{name} x {ds_name}: VLMEvalKit's evaluate returned nothing")
             metrics = extract_metrics(ds_name, result, dataset_kind(dataset.TYPE, ds_name))
+            items = prediction_items(pred_file)
+            write_items(pred_root / f"{ds_name}.items.jsonl", items)
             summary.write_text(json.dumps({"entry": asdict(entry), "setup": setup, "metrics": metrics}, indent=1))
             log(f"eval: {name} {ds_name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-            results.setdefault(name, {})[ds_name] = EvalResult(metrics, setup)
+            results.setdefault(name, {})[ds_name] = EvalResult(metrics, setup, items)
     return results
+
+
+JUDGED_SUFFIXES = (".tsv", ".xlsx", ".csv", ".json")  # per-item files VLMEvalKit's evaluate leaves
+
+
+def prediction_items(pred_file: str | Path) -> list[dict]:
+    """Per-item records of one prediction file (see :func:`fusion_vlm.evaluation.items.items_from_tables`).
+
+    The per-item judgements are read from the files ``evaluate`` wrote beside it
+    (``<pred stem>_auxmatch.tsv``: ``score``, ``..._result.tsv``: ``hit``, ``..._results.tsv``: ``eval_score``).
+    """
+    from vlmeval.smp import load
+
+    pred = Path(pred_file)
+    judged = []
+    for path in sorted(pred.parent.glob(f"{pred.stem}_*")):
+        if path.suffix.lower() not in JUDGED_SUFFIXES:
+            continue
+        try:
+            table = load(str(path))
+        except Exception:  # noqa: BLE001 - a file VLMEvalKit wrote in a shape we do not read: no per-item score
+            continue
+        if hasattr(table, "columns") and hasattr(table, "to_dict"):
+            judged.append((path.name, table.to_dict("records")))
+    return items_from_tables(load(str(pred)).to_dict("records"), judged)
 
 
 GENERATION_KEYS = ("prompt_set", "max_new_tokens", "n_queries", "use_question", "do_sample", "multi_image")

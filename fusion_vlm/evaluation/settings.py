@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 
 from fusion_vlm.errors import UsageError
 
+# input modes of the paper's comparisons: vision + question + queries; fine-tuned without the question;
+# the question dropped from the fusion input of a model trained with it (no fine-tune)
+MODES = ("vqq", "vq_ft", "vq")
 DEFAULT_MAX_NEW_TOKENS = 512  # the reference's generation default when no rule applies
 PACKAGES = ("torch", "transformers", "fusion_vlm", "vlmeval", "open_clip")  # import names recorded
 _SECRET = re.compile(r"key|token|secret|password", re.IGNORECASE)
@@ -139,7 +142,9 @@ def eval_setup(*, mode: str, n_queries: int | None, dataset: str | None, dataset
 
 @dataclass
 class EvalResult:
-    """Scores of one evaluation (``{"<metric>@<benchmark>": score}``) and its :func:`eval_setup` record."""
+    """Scores of one evaluation (``{"<metric>@<benchmark>": score}``), its :func:`eval_setup` record and its
+    per-item records (:mod:`fusion_vlm.evaluation.items`; empty when not kept)."""
 
     metrics: dict[str, float]
     setup: dict = field(default_factory=dict)
+    items: list = field(default_factory=list)

@@ -1,7 +1,7 @@
 """FusionVLM as a VLMEvalKit model (a ``vlmeval.vlm.base.BaseModel`` subclass).
 
 VLMEvalKit is imported only when :func:`model_class` is first called (through
-:func:`fusion_vlm.evaluation.registry.import_vlmeval`, which undoes its
+:func:`fusion_vlm.evaluation.vlmeval_import.import_vlmeval`, which undoes its
 process-wide SSL change), so ``import fusion_vlm.evaluation`` never needs it.
 The prompt and message logic is the pure code of :mod:`.prompts` and
 :mod:`.messages`; this class only plugs it into VLMEvalKit's hooks:
@@ -88,7 +88,7 @@ def model_class():
     """The ``BaseModel`` subclass ``FusionVLMEval`` (imports VLMEvalKit on first use)."""
     global _CLASS
     if _CLASS is None:
-        from fusion_vlm.evaluation.registry import import_vlmeval
+        from fusion_vlm.evaluation.vlmeval_import import import_vlmeval
 
         import_vlmeval()
         from vlmeval.vlm.base import BaseModel

@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion_vlm.config import FusionConfig, ModelConfig
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5}
 
@@ -85,14 +87,57 @@ class TransformerConfig:
 
 LLAMA2_7B = TransformerConfig("llama-2-7b", hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
                               vocab=32000)
-# The fusion module (DESIGN.md section 2); it has no LM head, its CLIP-BPE table is only an embedding.
-FUSION_MODULE = TransformerConfig("fusion-module", hidden=1024, layers=20, heads=16, kv_heads=16, intermediate=4096,
-                                  vocab=0)
+
+
+def fusion_transformer(cfg: FusionConfig, name: str = "fusion-module") -> TransformerConfig:
+    """Shape of the fusion decoder of ``cfg`` (no LM head: its CLIP-BPE table is only an embedding)."""
+    return TransformerConfig(name, hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads,
+                             kv_heads=cfg.num_kv_heads, intermediate=cfg.intermediate_size, vocab=0)
+
+
+# The fusion module of the paper (DESIGN.md section 2): FusionConfig's defaults, 1024 wide, 20 layers.
+FUSION_MODULE = fusion_transformer(FusionConfig())
 CLIP_VIT_H14 = TransformerConfig("clip-vit-h-14", hidden=1280, layers=32, heads=16, kv_heads=16, intermediate=5120,
                                  vocab=0, gated_mlp=False)
 CLIP_VIT_L14 = TransformerConfig("clip-vit-l-14", hidden=1024, layers=24, heads=16, kv_heads=16, intermediate=4096,
                                  vocab=0, gated_mlp=False)
 PRESETS = {c.name: c for c in (LLAMA2_7B, FUSION_MODULE, CLIP_VIT_H14, CLIP_VIT_L14)}
+VIT_PRESETS = {"vit-h-14": CLIP_VIT_H14, "vit-l-14": CLIP_VIT_L14}  # open_clip model_name -> shape
+
+
+def vision_transformer(cfg: ModelConfig) -> TransformerConfig:
+    """Shape of the ViT of ``cfg``: ``vision.custom``'s vision_cfg (open_clip fields width, layers, head_width,
+    mlp_ratio) or the preset of ``vision.model_name``. Raises ValueError for an unknown architecture."""
+    if cfg.vision.custom:
+        v = cfg.vision.custom.get("vision_cfg", {})
+        width, layers = int(v.get("width", 768)), int(v.get("layers", 12))
+        heads = width // int(v.get("head_width", 64))
+        return TransformerConfig("custom-vit", hidden=width, layers=layers, heads=heads, kv_heads=heads,
+                                 intermediate=int(width * float(v.get("mlp_ratio", 4.0))), vocab=0, gated_mlp=False)
+    key = cfg.vision.model_name.strip().lower()
+    if key not in VIT_PRESETS:
+        raise ValueError(f"vision.model_name={cfg.vision.model_name!r} has no shape here; known: "
+                         f"{', '.join(VIT_PRESETS)} (or set vision.custom)")
+    return VIT_PRESETS[key]
+
+
+def llm_transformer(cfg: ModelConfig) -> TransformerConfig:
+    """Shape of the LLM of ``cfg``: ``llm.tiny`` (LlamaConfig fields), a local ``llm.path`` with a config.json,
+    or Llama-2-7B for a Llama-2-7b hub id. Raises ValueError when none applies (pass a TransformerConfig)."""
+    if cfg.llm.tiny:
+        t = {"num_key_value_heads": None, "vocab_size": 32000, **cfg.llm.tiny}
+        return TransformerConfig.from_hf(t, name="llm.tiny")
+    path = Path(str(cfg.llm.path))
+    if (path / "config.json").is_file():
+        return load_llm_config(path)
+    if "llama-2-7b" in str(cfg.llm.path).lower():
+        return LLAMA2_7B
+    raise ValueError(f"llm.path={cfg.llm.path!r}: no local config.json; pass the LLM shape (a preset or config.json)")
+
+
+def vision_tokens_per_view(cfg: ModelConfig) -> int:
+    """ViT tokens of one view of ``cfg``: (view_size / patch_size)^2 patches + CLS (577 at 336 px, patch 14)."""
+    return (cfg.views.view_size // cfg.vision.patch_size) ** 2 + 1
 
 
 def load_llm_config(spec) -> TransformerConfig:
@@ -187,14 +232,14 @@ def prefill_speedup(n_queries: int = 256, n_later: int | None = None, n_question
                     shared_flops: float = 0.0) -> SpeedupReport:
     """Predicted prefill speed-up of the fusion path over the LLaVA-style baseline.
 
-    Inputs are token counts: N / N' (default min(N, 8)) fused tokens per question,
+    Inputs are token counts: N / N' (default: ``FusionConfig.later_for``, min(N, 8)) fused tokens per question,
     ``question_tokens`` per question (same count assumed in the CLIP and LLM
     tokenizers), ``prompt_tokens`` of chat template/system text in the LLM only,
     ``answer_tokens`` of each earlier answer kept in context (prefill of later turns
     attends to them; generating them is decode and not counted). Turn k > 1 reuses
     the KV cache of everything before it, in both paths and in the fusion module.
     """
-    later = min(n_queries, 8) if n_later is None else n_later
+    later = FusionConfig().later_for(n_queries, n_later)
     _check(n_queries=n_queries, n_later=later, question_tokens=question_tokens, prompt_tokens=prompt_tokens,
            answer_tokens=answer_tokens, vision_tokens=vision_tokens)
     if n_questions < 1:
@@ -214,3 +259,26 @@ def prefill_speedup(n_queries: int = 256, n_later: int | None = None, n_question
         llm_ctx += answer_tokens + later + question_tokens
     speedup = (base + shared_flops) / (fmod + fllm + shared_flops)
     return SpeedupReport(base, fmod, fllm, shared_flops, speedup, base_ctx, llm_ctx)
+
+
+def model_speedup(cfg: ModelConfig, width: int, height: int, n_queries: int | None = None,
+                  n_later: int | None = None, n_questions: int = 1, question_tokens: int = 32,
+                  prompt_tokens: int = 32, answer_tokens: int = 0, llm: TransformerConfig | None = None,
+                  with_vision_encoder: bool = False) -> SpeedupReport:
+    """:func:`prefill_speedup` for model config ``cfg`` and a ``width`` x ``height`` image (pixels).
+
+    Vision tokens, N and N' come from the token calculator's ``fusion-vlm`` rule (the same numbers as
+    ``fusion_vlm.info.token_accounting``), the fusion shape from ``cfg.fusion``, the adapter width from
+    ``cfg.vision.width``, the LLM from ``llm`` or :func:`llm_transformer`. ``with_vision_encoder`` adds the
+    ViT over every view to both paths.
+    """
+    from fusion_vlm.tokens.models import count_fusion_vlm
+
+    count = count_fusion_vlm(width, height, n_queries=n_queries, n_later=n_later, n_questions=n_questions,
+                             config=cfg)
+    d = count.details
+    llm = llm_transformer(cfg) if llm is None else llm
+    shared = vision_encoder_flops(vision_transformer(cfg), d["local_views"] + 1, vision_tokens_per_view(cfg)) \
+        if with_vision_encoder else 0.0
+    return prefill_speedup(d["n_queries"], d["n_later"], n_questions, question_tokens, prompt_tokens, answer_tokens,
+                           d["fusion_vision_tokens"], llm, fusion_transformer(cfg.fusion), cfg.vision.width, shared)

@@ -3,7 +3,8 @@
 Every ``count_*`` function takes the image ``width`` and ``height`` in pixels plus
 keyword knobs, and returns a :class:`TokenCount`. The rules restate (they do not
 import) the transformers 5.23 processors named in each docstring, so that
-``fusion_vlm.tokens`` stays dependency-free and fast; ``tests/test_tokens_calculator.py``
+``fusion_vlm.tokens`` stays dependency-free and fast (the ``fusion-vlm`` rule is the exception: it calls
+the library's own view planner and merge rule, which import torch when it runs); ``tests/test_tokens_calculator.py``
 checks them against those processors. Geometry helpers (:func:`smart_resize`,
 :func:`select_best_resolution`, :func:`anyres_features`, :func:`pan_and_scan_crops`,
 :func:`hd_grid`) are public so that other code can reuse the exact rules.
@@ -11,6 +12,7 @@ checks them against those processors. Geometry helpers (:func:`smart_resize`,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -260,35 +262,67 @@ def count_instructblip(width: int, height: int, *, num_query_tokens: int = 32) -
     return _count("instructblip", num_query_tokens, {}, f"{num_query_tokens} Q-Former queries")
 
 
-def count_fusion_vlm(width: int, height: int, *, n_queries: int = 256, n_later: int | None = None,
-                     n_questions: int = 1, hd_num: int = 9, hd_rule: str = "reference",
-                     view_grid: Callable[[int, int], tuple[int, int]] | None = None) -> TokenCount:
-    """This model: fusion input (local views + 1) x 145; the LLM sees N + N' x (questions - 1).
+def _model_config(config):
+    """A :class:`fusion_vlm.config.ModelConfig` from a ModelConfig, a preset name or a YAML path (cached by name)."""
+    from fusion_vlm.config import ModelConfig
 
-    ``view_grid(width, height) -> (cols, rows)`` gives the local-view grid; default is
-    this library's own planner :func:`fusion_vlm.views.plan_views` with ``hd_num`` local
-    views at most and ``hd_rule`` (default the paper's reference rule, which fills the largest grid
-    for the aspect ratio: 1450 tokens for any 4:3 or square image). N' defaults to min(N, 8). ``details``
-    carries ``fusion_vision_tokens`` and the per-question slots.
+    if isinstance(config, ModelConfig):
+        return config
+    return _load_preset(str(config))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_preset(name: str):
+    from fusion_vlm.config import load_model_config
+
+    return load_model_config(name)
+
+
+def count_fusion_vlm(width: int, height: int, *, n_queries: int | None = None, n_later: int | None = None,
+                     n_questions: int = 1, hd_num: int | None = None, hd_rule: str | None = None,
+                     view_size: int | None = None, config="paper",
+                     view_grid: Callable[[int, int], tuple[int, int]] | None = None) -> TokenCount:
+    """This model: fusion input (local views + 1) x tokens per view; the LLM sees N + N' x (questions - 1).
+
+    Every rule comes from the model config (``config``: a ``ModelConfig``, a preset name such as
+    ``"paper"`` or a YAML path) and the library's own functions, so the count is the one
+    :func:`fusion_vlm.info.token_accounting` gives: local-view grid from
+    :func:`fusion_vlm.views.plan_views` (``views.view_size``, ``views.max_local_views``, ``views.hd_rule``),
+    tokens per view from :func:`fusion_vlm.merge.tokens_per_view` (145 for 336-px views of 14-px patches),
+    N' from :meth:`fusion_vlm.config.FusionConfig.later_for` (min(N, 8) in the paper config). The knobs
+    ``n_queries``, ``n_later``, ``hd_num``, ``hd_rule``, ``view_size`` override the config's values (None:
+    the config's). ``view_grid(width, height) -> (cols, rows)`` replaces the planner. ``details`` carries
+    ``fusion_vision_tokens``, ``tokens_per_view`` and the per-question slots.
     """
-    for knob, val in (("n_queries", n_queries), ("n_questions", n_questions), ("hd_num", hd_num)):
+    from fusion_vlm.merge import tokens_per_view
+    from fusion_vlm.views import plan_views
+
+    cfg = _model_config(config)
+    n_queries = cfg.fusion.n_queries if n_queries is None else n_queries
+    hd_num = cfg.views.max_local_views if hd_num is None else hd_num
+    hd_rule = cfg.views.hd_rule if hd_rule is None else hd_rule
+    view_size = cfg.views.view_size if view_size is None else view_size
+    for knob, val in (("n_queries", n_queries), ("n_questions", n_questions), ("hd_num", hd_num),
+                      ("view_size", view_size)):
         if val < 1:
             raise ValueError(f"{knob} must be >= 1, got {val}")
-    later = min(n_queries, 8) if n_later is None else n_later
+    patch = cfg.vision.patch_size
+    if view_size % patch:
+        raise ValueError(f"view_size={view_size} must be divisible by the vision patch size {patch}")
+    later = cfg.fusion.later_for(n_queries, n_later)
     if later < 1:
         raise ValueError(f"n_later must be >= 1, got {n_later}")
     if view_grid is None:
-        from fusion_vlm.views import plan_views
-
-        plan = plan_views(width, height, 336, hd_num, hd_rule)
+        plan = plan_views(width, height, view_size, hd_num, hd_rule)
         cols, rows = plan.cols, plan.rows
     else:
         cols, rows = view_grid(width, height)
     views = cols * rows + 1
-    fusion_in = views * 145
+    per_view = tokens_per_view(view_size // patch, cfg.merge)
+    fusion_in = views * per_view
     llm = n_queries + later * (n_questions - 1)
     return _count("fusion-vlm", llm, {},
-                  f"fusion input {views} views x 145 = {fusion_in} ({cols}x{rows} local + global); "
+                  f"fusion input {views} views x {per_view} = {fusion_in} ({cols}x{rows} local + global); "
                   f"LLM gets N={n_queries}" + (f" + {n_questions - 1} x N'={later}" if n_questions > 1 else ""),
-                  fusion_vision_tokens=fusion_in, local_views=cols * rows, grid_cols=cols, grid_rows=rows,
-                  n_queries=n_queries, n_later=later, n_questions=n_questions)
+                  fusion_vision_tokens=fusion_in, tokens_per_view=per_view, local_views=cols * rows,
+                  grid_cols=cols, grid_rows=rows, n_queries=n_queries, n_later=later, n_questions=n_questions)

@@ -72,8 +72,7 @@ class SampleDataset(Dataset):
         n_queries, n_later = self.n_queries, self.n_queries_later
         if isinstance(index, (tuple, list)):
             index, n_queries = index
-            later = self.processor.cfg.fusion.later if n_later is None else n_later
-            n_later = min(n_queries, later)
+            n_later = min(n_queries, self.processor.cfg.fusion.later_for(n_queries, n_later))
         rec = self.records[int(index)]
         key, sid = rec["key"], rec["id"]
         try:

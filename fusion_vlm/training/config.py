@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_vlm.config import CONFIG_DIR, STAGES, resolve_preset
 from fusion_vlm.schema import ConfigError, load_config
 from fusion_vlm.schema import require as _require
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("contrastive", "generation")
 
 
 @dataclass
@@ -186,13 +184,7 @@ class TrainConfig:
 
 def resolve_train_config(name_or_path: str | Path) -> Path:
     """Map a preset name (``stage1_contrastive``, ``tiny_stage2``...) or a path to a YAML file."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    preset = REPO_ROOT / "configs" / "train" / f"{name_or_path}.yaml"
-    if preset.is_file():
-        return preset
-    raise FileNotFoundError(f"train config '{name_or_path}' is neither a file nor a preset in configs/train")
+    return resolve_preset("train", name_or_path)
 
 
 def load_train_config(name_or_path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -202,8 +194,10 @@ def load_train_config(name_or_path: str | Path | None, overrides: list[str] | No
 
 
 def resolve_repo_path(path: str | Path) -> Path:
-    """A relative path that exists under the current directory, else under the repo root."""
+    """A relative path that exists under the current directory, else one of the shipped configs
+    (``configs/deepspeed/zero2.json`` is found inside the installed package too)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p
+    parts = p.parts
+    return CONFIG_DIR.joinpath(*parts[1:]) if parts and parts[0] == "configs" else CONFIG_DIR.parent / p

@@ -33,6 +33,7 @@ from fusion_vlm.training.data import SkipCounter, load_llava
 from fusion_vlm.training.engine import (build_engine, current_lr, optimizer_param_ids, pick_device,
                                         setup_distributed)
 from fusion_vlm.training.metrics import MetricsLogger
+from fusion_vlm.training.state import StepTotals, TrainerState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -161,52 +162,49 @@ def train(cfg: TrainConfig) -> TrainResult:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     engine = build_engine(model, params, cfg, total_steps, world, device)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
-    logger_start = 0
+    state = TrainerState()
     if resume_from is not None:
         trainer_state, rank_state = ckpt.load_checkpoint(engine, resume_from, rank)
-        state.update({k: trainer_state[k] for k in state})
+        state = TrainerState.from_dict(trainer_state, f"{resume_from / ckpt.STATE_FILE}")
         counter.load_state(rank_state["skips"])
-        logger_start = state["step"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    logger = MetricsLogger(out, cfg.logging, total_steps, logger_start, rank, to_dict(cfg))
+    logger = MetricsLogger(out, cfg.logging, total_steps, state.step, rank, to_dict(cfg))
     if resume_from is not None:
-        logger.event("resume", checkpoint=str(resume_from), step=state["step"])
+        logger.event("resume", checkpoint=str(resume_from), step=state.step)
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
-    result = TrainResult(steps=state["step"])
+    result = TrainResult(steps=state.step)
 
     def save() -> Path:
-        trainer_state = {**state, "total_steps": total_steps, "stage": cfg.stage}
-        path = ckpt.save_checkpoint(engine, out, state["step"], trainer_state, {"skips": counter.state()},
-                                    cfg.checkpoint.keep_last, rank, with_sha256=cfg.checkpoint.sha256)
-        logger.event("checkpoint", step=state["step"], path=str(path))
+        path = ckpt.save_checkpoint(engine, out, state.step, state.to_dict(total_steps, cfg.stage),
+                                    {"skips": counter.state()}, cfg.checkpoint.keep_last, rank,
+                                    with_sha256=cfg.checkpoint.sha256)
+        logger.event("checkpoint", step=state.step, path=str(path))
         result.checkpoint = path
         return path
 
-    acc = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}
-    terms: dict[str, float] = {}
+    totals = StepTotals()
     micro = 0
     # consecutive skipped steps that stop the run: max_nonfinite_in_a_row, or more than half of a short run
     nonfinite_limit = min(cfg.max_nonfinite_in_a_row, total_steps // 2 + 1)
     engine.train()
     try:
-        while state["step"] < total_steps and result.stopped is None:
-            sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, cfg.seed, state["epoch"],
-                                            state["batch_in_epoch"], cfg.data.shuffle, rank, world,
+        while state.step < total_steps and result.stopped is None:
+            sampler = ResumableBatchSampler(len(dataset), cfg.micro_batch_size, cfg.seed, state.epoch,
+                                            state.batch_in_epoch, cfg.data.shuffle, rank, world,
                                             cfg.n_queries_choices)
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model.tokenizer.pad_token_id),
                                 num_workers=cfg.data.num_workers)
             for mb in loader:
-                state["batch_in_epoch"] += 1
+                state.batch_in_epoch += 1
                 for s in mb.skipped:
                     counter.skip(s.reason, s.id, s.message, key=s.key)
                     counter.attempt(False)
                 for _ in range(mb.n_samples):
                     counter.attempt(True)
                 if micro % cfg.grad_accum == 0:
-                    acc["lr"] = current_lr(engine)  # the lr this optimizer step uses
+                    totals.lr = current_lr(engine)  # the lr this optimizer step uses
                 if mb.batch is None:
                     loss, named = _zero_loss(params), {}
                 else:
@@ -215,43 +213,37 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if cfg.n_queries_choices:  # logged as the step's mean N
                         named = {**named, "n_queries": torch.tensor(float(mb.batch.n_queries))}
                 if not torch.isfinite(loss.detach()).all():  # DeepSpeed skips the step on the NaN/Inf gradient
-                    print(f"[train] non-finite loss {float(loss.detach()):.3g} at step {state['step'] + 1}",
+                    print(f"[train] non-finite loss {float(loss.detach()):.3g} at step {state.step + 1}",
                           file=sys.stderr)
                 engine.backward(loss)
                 engine.step()
-                acc["loss"] += float(loss.detach())
-                acc["n"] += 1 if mb.batch is not None else 0
-                acc["samples"] += mb.n_samples
-                acc["tokens"] += mb.n_tokens
-                for k, v in named.items():
-                    if k != "loss" and torch.is_tensor(v) and v.numel() == 1 and v.is_floating_point():
-                        terms[k] = terms.get(k, 0.0) + float(v)
+                totals.add(loss, named, mb.batch is not None, mb.n_samples, mb.n_tokens)
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue
-                state["step"] += 1
-                _finish_step(engine, state, acc, terms, logger, nonfinite_limit, result, counter)
-                acc, terms = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0}, {}
-                if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0:
+                state.step += 1
+                _finish_step(engine, state, totals, logger, nonfinite_limit, result, counter)
+                totals = StepTotals()
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                     save()
                 stop_now = _all_reduce([float(stop.hit)], dist.ReduceOp.MAX)[0] > 0
-                if stop_now or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step):
+                if stop_now or (cfg.stop_at_step is not None and state.step >= cfg.stop_at_step):
                     result.stopped = "signal" if stop_now else "stop_at_step"
                     break
-                if state["step"] >= total_steps:
+                if state.step >= total_steps:
                     break
             else:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-        applied = state["step"] - state["nonfinite_steps"]
-        if result.stopped is None and (applied == 0 or 2 * state["nonfinite_steps"] > state["step"]):
-            raise NonFiniteLossError(f"{state['nonfinite_steps']} of {state['step']} optimizer steps had a NaN/Inf loss "
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        applied = state.applied_steps
+        if result.stopped is None and (applied == 0 or 2 * state.nonfinite_steps > state.step):
+            raise NonFiniteLossError(f"{state.nonfinite_steps} of {state.step} optimizer steps had a NaN/Inf loss "
                                      f"or gradient and were skipped ({applied} applied): the run diverged (is optim.lr="
                                      f"{cfg.optim.lr} too high?); not exporting {out / 'final'}")
-        if result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{state['step']:07d}":
+        if result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{state.step:07d}":
             save()
-        result.steps = state["step"]
-        result.nonfinite_steps = state["nonfinite_steps"]
+        result.steps = state.step
+        result.nonfinite_steps = state.nonfinite_steps
         result.applied_steps = applied
         result.skips = _gather_skips(counter)
         held = optimizer_param_ids(engine)
@@ -259,16 +251,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         result.optimizer_state_numel = _optimizer_state_numel(engine)
         if result.stopped is None:
             result.final_dir = _export(model, engine, out / "final", rank)
-        logger.event("end", step=state["step"], stopped=result.stopped, skips=result.skips,
-                     nonfinite_steps=state["nonfinite_steps"])
+        logger.event("end", step=state.step, stopped=result.stopped, skips=result.skips,
+                     nonfinite_steps=state.nonfinite_steps)
         if rank == 0:
             (out / "train_summary.json").write_text(json.dumps(
                 {"steps": result.steps, "stopped": result.stopped, "skips": result.skips,
                  "nonfinite_steps": result.nonfinite_steps, "applied_steps": applied,
                  "final": str(result.final_dir)}, indent=2))
             _print_skips(result.skips)
-            if state["nonfinite_steps"]:
-                print(f"[train] {state['nonfinite_steps']} of {state['step']} optimizer steps were skipped (NaN/Inf "
+            if state.nonfinite_steps:
+                print(f"[train] {state.nonfinite_steps} of {state.step} optimizer steps were skipped (NaN/Inf "
                       f"loss or gradient; see skipped_step in metrics.jsonl)", file=sys.stderr)
     finally:
         stop.restore()
@@ -276,33 +268,32 @@ def train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _finish_step(engine, state, acc, terms, logger, nonfinite_limit, result, counter) -> None:
+def _finish_step(engine, state: TrainerState, totals: StepTotals, logger: MetricsLogger, nonfinite_limit: int,
+                 result: TrainResult, counter: SkipCounter) -> None:
     """After an optimizer step: skip ceiling, NaN bookkeeping, cross-rank means, metrics (same on every rank).
 
     ``nonfinite_limit`` consecutive skipped (NaN/Inf) steps raise :class:`NonFiniteLossError`.
     """
     applied = engine.was_step_applied()
     loss_sum, n, samples, tokens, bad, attempts, failed = _all_reduce(
-        [acc["loss"], acc["n"], acc["samples"], acc["tokens"], float(not applied), counter.attempts,
+        [totals.loss, totals.n, totals.samples, totals.tokens, float(not applied), counter.attempts,
          counter.failed_attempts])
     counter.check(attempts=int(attempts), failed=int(failed))
-    if bad > 0:
-        state["nonfinite_steps"] += 1
-        state["nonfinite_in_a_row"] += 1
-    else:
-        state["nonfinite_in_a_row"] = 0
-    step = state["step"]
+    state.record_step(applied=bad == 0)
+    step = state.step
     loss = loss_sum / n if n else float("nan")
+    terms = totals.terms
     term_vals = _all_reduce(list(terms.values())) if terms else []
     sps, tps = logger.throughput(int(samples), int(tokens))
     metrics = {"loss": loss, **{k: v / n for k, v in zip(terms, term_vals) if n},
-               "lr": acc.get("lr", current_lr(engine)), "grad_norm": _grad_norm(engine), "samples": int(samples),
-               "tokens": int(tokens), "samples_per_s": sps, "tokens_per_s": tps, "epoch": state["epoch"],
-               "skipped_step": bool(bad > 0), "skipped_steps": state["nonfinite_steps"], "eta_s": logger.eta_s(step)}
+               "lr": totals.lr if totals.lr is not None else current_lr(engine), "grad_norm": _grad_norm(engine),
+               "samples": int(samples), "tokens": int(tokens), "samples_per_s": sps, "tokens_per_s": tps,
+               "epoch": state.epoch, "skipped_step": bool(bad > 0), "skipped_steps": state.nonfinite_steps,
+               "eta_s": logger.eta_s(step)}
     result.losses[step] = loss
     logger.log(step, metrics)
-    if state["nonfinite_in_a_row"] >= nonfinite_limit:  # after logging: the last skipped step shows too
-        raise NonFiniteLossError(f"{state['nonfinite_in_a_row']} optimizer steps in a row had a NaN/Inf loss or "
+    if state.nonfinite_in_a_row >= nonfinite_limit:  # after logging: the last skipped step shows too
+        raise NonFiniteLossError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or "
                                  f"gradient and were skipped (limit {nonfinite_limit}: max_nonfinite_in_a_row, or "
                                  f"half the run + 1); stopping at step {step}, nothing exported")
 
