@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -17,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_configs_and_runs_outside_the_tree(tmp_path):
-    dist = tmp_path / "dist"
+    src, dist = tmp_path / "src", tmp_path / "dist"  # build from a copy: setuptools writes build/ beside the sources
+    shutil.copytree(ROOT / "fusion_vlm", src / "fusion_vlm", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", src / "configs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("fusion_vlm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for rel in ("model/paper.yaml", "model/tiny.yaml", "train/stage2_generation.yaml", "deepspeed/zero2.json",

@@ -6,7 +6,7 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train, sweep N, evaluate and fit on a synthetic world (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output directory (rerunning skips finished stages)")
-    p.add_argument("--quick", action="store_true", help="a small run for tests and CI (about 2-4 minutes)")
+    p.add_argument("--quick", action="store_true", help="a small run for tests and CI (about 6 minutes on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion_vlm.evaluation.settings import MODES  # vqq, vq_ft, vq (the paper's input modes)
 from fusion_vlm.schema import from_dict, save_config
 
-MODES = ("vqq", "vq_ft", "vq")  # vision+question+queries; fine-tuned without question; question dropped
 ELASTIC = "elastic"  # the stage-2 model (N drawn per micro-batch) run at every N, no stage-3 fine-tune
 
 
