@@ -38,3 +38,18 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="session")
 def image_factory():
     return make_image
+
+
+def patch_forward(monkeypatch, on_call):
+    """Wrap FusionVLM.forward: ``on_call(n, out)`` may alter the output of the n-th call (1-based)."""
+    from fusion_vlm.model import FusionVLM
+
+    original, calls = FusionVLM.forward, {"n": 0}
+
+    def forward(self, batch, stage="generation"):
+        out = original(self, batch, stage)
+        calls["n"] += 1
+        on_call(calls["n"], out)
+        return out
+
+    monkeypatch.setattr(FusionVLM, "forward", forward)

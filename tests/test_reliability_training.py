@@ -19,7 +19,7 @@ from fusion_vlm.training.data import SkipCounter, SkipSample, load_llava, parse_
 from fusion_vlm.training.loop import NonFiniteLossError, train
 from fusion_vlm.training.metrics import MetricsLogger, read_metrics
 from fusion_vlm.training.tiny_data import make_tiny_dataset
-from conftest import make_image
+from conftest import make_image, patch_forward
 
 QUICK = ["init_from=null", "logging.progress_bar=false", "micro_batch_size=2", "grad_accum=1", "checkpoint.every=0",
          "optim.warmup_ratio=0.0"]
@@ -148,21 +148,6 @@ def test_nonfinite_weights_are_never_exported(tmp_path):
     with pytest.raises(NonFiniteLossError, match=f"first: {name}"):
         _export(model, Engine(), tmp_path / "final", 0)
     assert not (tmp_path / "final").exists()
-
-
-def patch_forward(monkeypatch, on_call):
-    """Wrap FusionVLM.forward: ``on_call(n, out)`` may alter the output of the n-th call (1-based)."""
-    from fusion_vlm.model import FusionVLM
-
-    original, calls = FusionVLM.forward, {"n": 0}
-
-    def forward(self, batch, stage="generation"):
-        out = original(self, batch, stage)
-        calls["n"] += 1
-        on_call(calls["n"], out)
-        return out
-
-    monkeypatch.setattr(FusionVLM, "forward", forward)
 
 
 # ----------------------------------------------------------------------------- image paths inside image_root

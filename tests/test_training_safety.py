@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import patch_forward
+
 from fusion_vlm.cli import main
 from fusion_vlm.training import checkpoint as ckpt
 from fusion_vlm.training.config import load_train_config
@@ -33,21 +35,6 @@ def cfg_for(tiny_data, out, *overrides):
         f"data.files=[{path}]", f"data.image_root={root}", f"output_dir={out}", "init_from=null",
         "logging.progress_bar=false", "logging.wandb_mode=disabled", "micro_batch_size=2", "grad_accum=1",
         "checkpoint.every=0", *overrides])
-
-
-def patch_forward(monkeypatch, on_call):
-    """Wrap FusionVLM.forward: ``on_call(n, out)`` may alter the output of the n-th call (1-based)."""
-    from fusion_vlm.model import FusionVLM
-
-    original, calls = FusionVLM.forward, {"n": 0}
-
-    def forward(self, batch, stage="generation"):
-        out = original(self, batch, stage)
-        calls["n"] += 1
-        on_call(calls["n"], out)
-        return out
-
-    monkeypatch.setattr(FusionVLM, "forward", forward)
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tiny_data, tmp_path, monkeypatch):

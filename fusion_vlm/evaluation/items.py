@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from fusion_vlm.errors import DataError
@@ -138,16 +138,21 @@ def read_items(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such items file or folder")
     out = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{f}:{line_no}: not JSON ({err.msg})") from None
-                missing = [k for k in KEY_FIELDS if not isinstance(rec, dict) or k not in rec]
-                if missing:
-                    raise DataError(f"{f}:{line_no}: item record lacks {', '.join(missing)}")
-                out.append(rec)
+        for line_no, rec in jsonl_records(f):
+            missing = [k for k in KEY_FIELDS if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise DataError(f"{f}:{line_no}: item record lacks {', '.join(missing)}")
+            out.append(rec)
     return out
+
+
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line of ``path``; a bad line is a one-line DataError."""
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not JSON ({err.msg})") from None

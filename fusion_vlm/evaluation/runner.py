@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from fusion_vlm.errors import CheckpointError, DataError, MissingFileError, UserError
+from fusion_vlm.evaluation.items import jsonl_records
 from fusion_vlm.evaluation.messages import load_image
 from fusion_vlm.evaluation.settings import resolve_max_new_tokens
 from fusion_vlm.images import DEFAULT_MAX_PIXELS
@@ -138,25 +139,18 @@ def read_requests(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"requests file not found: {path}")
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "image" not in rec:
-                raise DataError(f"{path}:{lineno}: needs an object with an 'image' field")
-            qs = rec.get("questions", [rec["question"]] if "question" in rec else None)
-            if isinstance(qs, str):
-                qs = [qs]
-            if not qs or not all(isinstance(q, str) and q.strip() for q in qs):
-                raise DataError(f"{path}:{lineno}: needs 'questions' (non-empty list of strings) or 'question'")
-            image = Path(rec["image"])
-            if not image.is_absolute():
-                image = path.parent / image
-            yield lineno, {**rec, "image": str(image), "questions": qs}
+    for lineno, rec in jsonl_records(path):
+        if not isinstance(rec, dict) or "image" not in rec:
+            raise DataError(f"{path}:{lineno}: needs an object with an 'image' field")
+        qs = rec.get("questions", [rec["question"]] if "question" in rec else None)
+        if isinstance(qs, str):
+            qs = [qs]
+        if not qs or not all(isinstance(q, str) and q.strip() for q in qs):
+            raise DataError(f"{path}:{lineno}: needs 'questions' (non-empty list of strings) or 'question'")
+        image = Path(rec["image"])
+        if not image.is_absolute():
+            image = path.parent / image
+        yield lineno, {**rec, "image": str(image), "questions": qs}
 
 
 def answer_requests(runner: Runner, requests: str | Path) -> list[dict]:
