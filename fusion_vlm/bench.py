@@ -56,6 +56,8 @@ class BenchSetup:
     width: int = 1008  # image size in pixels: gives the views (10 for any square image at HD-9)
     height: int = 1008
     threads: int | None = None  # torch threads (None: torch's default)
+    attention: str = "sdpa"  # attention of the fusion module and of the LLM, both paths: sdpa (PyTorch's kernel,
+    #                          FusionVLM's default) | sdpa_blocked (fusion_vlm.attention)
 
 
 @dataclass
@@ -126,6 +128,7 @@ def build_parts(setup: BenchSetup):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fusion_vlm.attention import set_llm_attention
     from fusion_vlm.fusion import FusionModule
     from fusion_vlm.language import Projector
     from fusion_vlm.merge import TokenMerge
@@ -133,12 +136,14 @@ def build_parts(setup: BenchSetup):
     from fusion_vlm.vision import VisionTower, build_clip
 
     cfg = bench_model_config(setup.vision_layers, setup.fusion_layers, setup.llm_layers, checkpointing=False)
+    cfg.fusion.attn_implementation = setup.attention
     side, llm_dtype = (getattr(torch, d) for d in _dtypes(setup, cfg))
     clip = build_clip(cfg.vision, cfg.views.view_size)
     parts = {"tower": VisionTower(clip.visual, cfg.vision, cfg.fusion.hidden_size),
              "merge": TokenMerge(cfg.fusion.hidden_size, cfg.merge), "fusion": FusionModule(cfg.fusion),
              "projector": Projector(cfg.fusion.hidden_size, cfg.llm.tiny["hidden_size"], cfg.projector),
              "llm": LlamaForCausalLM(LlamaConfig(**cfg.llm.tiny))}
+    set_llm_attention(parts["llm"], setup.attention)
     return cfg, {k: m.to(llm_dtype if k == "llm" else side).eval() for k, m in parts.items()}
 
 
@@ -243,7 +248,7 @@ def run_stage_bench(setup: BenchSetup, log=print) -> BenchReport:
     peaks = {}
     log(f"measuring {len(plan)} stages x {setup.rounds} rounds (+1 warm-up), vision/merge/fusion {side_dtype}, "
         f"LLM {llm_dtype}, "
-        f"{torch.get_num_threads()} threads; depths vision {setup.vision_layers}/32, fusion "
+        f"attention {m['llm'].config._attn_implementation}, {torch.get_num_threads()} threads; depths vision {setup.vision_layers}/32, fusion "
         f"{setup.fusion_layers}/20, LLM {setup.llm_layers}/32")
     with torch.inference_mode():
         for i, (_, _, fn, *_rest) in enumerate(plan):  # warm-up, and the peak memory of each stage
@@ -265,6 +270,7 @@ def run_stage_bench(setup: BenchSetup, log=print) -> BenchReport:
         s.predicted_s = s.flops / theta
         s.ratio = s.wall_s / s.predicted_s
     report = BenchReport(asdict(setup), theta, stages)
+    report.notes.append(f"attention {setup.attention} in the fusion module and the LLM (both paths)")
     report.notes.append(f"random weights; depths vision {setup.vision_layers}/32, fusion {setup.fusion_layers}/20, "
                         f"LLM {setup.llm_layers}/32 (paper-depth times scale each stack linearly)")
     _summaries(report, n_vis)

@@ -16,6 +16,7 @@ from fusion_vlm.errors import MissingFileError
 from fusion_vlm.schema import ConfigError, load_config
 from fusion_vlm.schema import require as _require
 
+REDUCERS = ("fusion", "all", "avgpool", "random")  # ModelConfig.reducer (fusion_vlm.reducers); fusion = the paper
 STAGES = ("contrastive", "generation")  # the training stages: stage 1 contrastive, stages 2-3 generation
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,7 +81,8 @@ class FusionConfig:
     n_queries_later: int | None = None  # N': slots after each later question; null = min(N, 8) as in the paper
     use_question: bool = True  # False drops the question tokens: [vision][N slots][N' slots]...
     grad_checkpointing: bool = False  # activation checkpointing in the fusion blocks
-    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2 |
+    #                                    sdpa_blocked (sdpa, but CPU bf16 causal prefill blockwise: fusion_vlm.attention)
 
     @property
     def later(self) -> int:
@@ -108,6 +110,8 @@ class LLMConfig:
     tiny: dict | None = None  # LlamaConfig fields for a random-init LLM, used when `path` is null
     tokenizer: str | None = None  # tokenizer path when it differs from `path`; null with `tiny` = built-in byte tokenizer
     dtype: str = "bfloat16"  # weight dtype of the frozen LLM: float32 | bfloat16 | float16
+    attn_implementation: str | None = None  # LLM attention: null = transformers' default (sdpa) | sdpa | eager |
+    #                                         sdpa_blocked (replaces sdpa only, see fusion_vlm.attention)
     chat_template: str | None = None  # Jinja chat template override; null = the tokenizer's own (Llama-2 chat)
     system_prompt: str | None = None  # system message put in every prompt, if any
     max_length: int = 2048  # longest LLM sequence; longer training samples are skipped
@@ -142,6 +146,8 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reducer: str = "fusion"  # fusion (the paper) | all | avgpool | random: baselines without the fusion module
+    #                          (fusion_vlm.reducers: every merged token, pooled to N, or N drawn at random)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -160,6 +166,7 @@ class ModelConfig:
                  f"must be divisible by vision.patch_size={self.vision.patch_size}")
         _require(self.vision.text_context_length >= 2, "vision.text_context_length",
                  self.vision.text_context_length, "must be >= 2")
+        _require(self.reducer in REDUCERS, "reducer", self.reducer, f"must be one of {', '.join(REDUCERS)}")
         _require(self.merge.kernel_size % 2 == 1, "merge.kernel_size", self.merge.kernel_size, "must be odd")
         _require(self.merge.stride >= 1, "merge.stride", self.merge.stride, "must be >= 1")
         _require(self.loss.identity_scope in ("batch", "group"), "loss.identity_scope", self.loss.identity_scope,

@@ -16,6 +16,7 @@ positions (after the final RMSNorm) are the fused tokens.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from fusion_vlm import attention  # noqa: F401  (registers the sdpa_blocked attention implementation)
 from fusion_vlm.config import FusionConfig
 
 
@@ -259,10 +261,15 @@ class FusionModule(nn.Module):
                                                    [next(embedded) for _ in qs] if use_question else None)
                              for v, qs in zip(vision, questions)])
 
+    def _cache_kw(self, cache: DynamicCache) -> dict:
+        """``{"cache": cache}`` where the decoder takes ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+        name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        return {name: cache}
+
     def encode_prefix(self, vision: torch.Tensor) -> VisionPrefix:
         """Run the vision tokens float [T, H] alone and keep their keys/values."""
         cache = DynamicCache(config=self.decoder.config)
-        self.decoder(inputs_embeds=vision[None].to(self.eos_slot.dtype), use_cache=True, past_key_values=cache)
+        self.decoder(inputs_embeds=vision[None].to(self.eos_slot.dtype), use_cache=True, **self._cache_kw(cache))
         return VisionPrefix([(layer.keys, layer.values) for layer in cache.layers], vision.shape[0])
 
     def fuse_with_prefix(self, prefix: VisionPrefix, questions: list[list[int]], n_queries: int,
@@ -288,5 +295,5 @@ class FusionModule(nn.Module):
             cache.update(keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1), layer)
         positions = (prefix.length + torch.arange(length, device=embeds.device)).expand(k, length)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True).last_hidden_state
+                              use_cache=True, **self._cache_kw(cache)).last_hidden_state
         return [hidden[i, seq.shape[0] - n_queries: seq.shape[0]] for i, seq in enumerate(seqs)]

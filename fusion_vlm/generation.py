@@ -102,14 +102,15 @@ def answer_conversations(model: FusionVLM, images: list, questions: list[list[st
     pixels = [model.processor.pixel_values(img) for img in images]
     vision = model.encode_images(torch.cat(pixels), [p.shape[0] for p in pixels])
     ids = [[model.processor.question_tokenizer(q) for q in qs] for qs in questions]
-    fused = model.fusion(vision, ids, n, later, use_q).per_sample()
+    out = model.reduce(vision, ids, n, later, use_q, pixel_values=pixels)  # the fusion, or a baseline reducer
+    fused = out.per_sample()
     answers: list[list[str]] = [[] for _ in images]
     for turn in range(max(len(q) for q in questions)):
         rows = [b for b, qs in enumerate(questions) if len(qs) > turn]
         prompts, tokens = [], []
         for b in rows:
             turns = list(zip(questions[b][:turn], answers[b])) + [(questions[b][turn], None)]
-            sizes = [n] + [later] * turn
+            sizes = [g.shape[0] for g in out.groups[b][: turn + 1]]  # [N, N', ...] with the fusion
             prompts.append(build_prompt(model.tokenizer, turns, sizes, model.config.llm.system_prompt))
             tokens.append(fused[b][: sum(sizes)])
         for b, text in zip(rows, decode_with_fused(model, prompts, tokens, **decode)):
@@ -129,13 +130,16 @@ def answer_independently(model: FusionVLM, images: list, questions: list[list[st
     for image, qs in zip(images, questions):
         pixels = model.processor.pixel_values(image)
         ids = [model.processor.question_tokenizer(q) for q in qs]
-        if reuse:
+        if model.fusion is None:  # a baseline reducer: the merged tokens reduced without the question
+            vision = model.encode_images(pixels, [pixels.shape[0]])
+            groups = model.reduce(vision, [ids], n, n, use_q, independent=True, pixel_values=[pixels]).groups[0]
+        elif reuse:
             groups = model.fusion.fuse_with_prefix(vision_prefix(model, pixels), ids, n, use_q)
         else:
             vision = model.encode_images(pixels, [pixels.shape[0]])
             groups = [model.fusion(vision, [[q]], n, n, use_q).groups[0][0] for q in ids]
         for q, g in zip(qs, groups):
-            prompts.append(build_prompt(model.tokenizer, [(q, None)], [n], model.config.llm.system_prompt))
+            prompts.append(build_prompt(model.tokenizer, [(q, None)], [g.shape[0]], model.config.llm.system_prompt))
             fused.append(g)
     texts = iter(decode_with_fused(model, prompts, fused, **decode))
     return [[next(texts) for _ in qs] for qs in questions]

@@ -21,13 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion_vlm.config import STAGES, ModelConfig, load_model_config
+from fusion_vlm.config import STAGES, ConfigError, ModelConfig, load_model_config
 from fusion_vlm.errors import CheckpointError, MissingFileError, one_line
-from fusion_vlm import generation
+from fusion_vlm.attention import set_llm_attention
+from fusion_vlm import generation, reducers
 from fusion_vlm.fusion import FusionModule, FusionOutput
 from fusion_vlm.language import Projector, build_llm, llm_architecture, load_tokenizer, set_llm_mode
 from fusion_vlm.losses import contrastive_loss, generation_loss, identity_loss, shift_targets
-from fusion_vlm.merge import TokenMerge, tokens_per_view
+from fusion_vlm.merge import TokenMerge
 from fusion_vlm.processor import Batch, FusionProcessor
 from fusion_vlm.schema import apply_overrides, from_dict, save_config, to_dict
 from fusion_vlm.vision import VisionTower, build_clip
@@ -59,10 +60,13 @@ class FusionVLM(nn.Module):
         self.tokenizer = load_tokenizer(cfg.llm, offline_fallback=meta)
         # llm.load=false (stage 1): no LLM module at all; the projector's width comes from the LLM's config
         self.llm = build_llm(cfg.llm, self.tokenizer, device) if cfg.llm.load else None
+        if self.llm is not None:
+            set_llm_attention(self.llm, cfg.llm.attn_implementation)
         self.llm_config = self.llm.config if self.llm is not None else llm_architecture(cfg.llm, self.tokenizer, meta)
         with torch.device(device):
             self.merge = TokenMerge(cfg.fusion.hidden_size, cfg.merge)
-            self.fusion = FusionModule(cfg.fusion)
+            # a baseline reducer (fusion_vlm.reducers) takes the merged tokens without the fusion module
+            self.fusion = FusionModule(cfg.fusion) if cfg.reducer == "fusion" else None
             self.projector = Projector(cfg.fusion.hidden_size, self.llm_config.get_text_config().hidden_size,
                                        cfg.projector)
             embed_dim = cfg.loss.embed_dim or clip.text_projection.shape[-1]
@@ -89,12 +93,17 @@ class FusionVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the trainable parts."""
-        return self.fusion.eos_slot.device
+        return self.projector.proj.weight.device
 
     def trainable_modules(self, stage: str) -> dict[str, nn.Module]:
         """Modules trained in ``stage`` (DESIGN.md §4); the LLM never is."""
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+        if self.fusion is None:  # a baseline: only its projector is trained, in the generation stage
+            if stage == "contrastive":
+                raise ConfigError(f"reducer={self.config.reducer}: the contrastive stage trains the fusion module; "
+                                  f"a baseline reducer is trained in the generation stage only")
+            return {"projector": self.projector}
         mods = {"merge": self.merge, "fusion": self.fusion}
         if not self.config.vision.freeze:
             mods["vision"] = self.vision
@@ -143,6 +152,25 @@ class FusionVLM(nn.Module):
                                f"FusionVLM.from_pretrained(path, overrides=['llm.load=true'])")
         return self.llm
 
+    def cast_for_inference(self, dtype: str = "llm") -> "FusionVLM":
+        """Put every part but the LLM (vision tower, merge, fusion, projector, heads, text tower) in ``dtype``.
+
+        ``dtype``: ``llm`` (the LLM's ``llm.dtype``) | float32 | bfloat16 | float16. The trained parts are
+        built and saved in float32; next to a bfloat16 LLM on a CPU they then run at float32 speed, several
+        times slower per FLOP than the LLM, which can make the fused path slower than feeding every vision
+        token to the LLM. For inference only (training keeps float32 weights). Returns ``self``.
+        """
+        from fusion_vlm.language import DTYPES
+
+        name = self.config.llm.dtype if dtype == "llm" else dtype
+        if name not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected llm, {', '.join(DTYPES)}")
+        for child, module in self.named_children():
+            if child != "llm":
+                module.to(DTYPES[name])
+        self.prefix_cache.clear()
+        return self
+
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor, views_per_sample: list[int]) -> list[torch.Tensor]:
         """Views float [sum V_b, 3, S, S] -> merged vision tokens per sample: list of [V_b * t, H]."""
@@ -153,10 +181,29 @@ class FusionVLM(nn.Module):
         return [m.flatten(0, 1) for m in torch.split(merged, views_per_sample)]
 
     def fuse(self, batch: Batch) -> FusionOutput:
-        """Vision + questions + slots -> fused tokens of every group."""
+        """Vision + questions + slots -> fused tokens of every group (or a baseline's tokens, see :meth:`reduce`)."""
         vision = self.encode_images(batch.pixel_values, batch.views_per_sample)
-        return self.fusion(vision, batch.questions, batch.n_queries, batch.n_queries_later, batch.use_question,
-                           independent=batch.independent)
+        views = torch.split(batch.pixel_values, batch.views_per_sample) if self.config.reducer == "random" else None
+        return self.reduce(vision, batch.questions, batch.n_queries, batch.n_queries_later, batch.use_question,
+                           batch.independent, views)
+
+    def reduce(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int,
+               n_queries_later: int, use_question: bool, independent: bool = False,
+               pixel_values: list[torch.Tensor] | None = None) -> FusionOutput:
+        """Merged tokens ``vision[b]`` float [T_b, H] -> the LLM's visual tokens of every question group.
+
+        ``reducer=fusion``: the fusion module (``groups[b][g]`` float [N or N', H]); a baseline
+        (:mod:`fusion_vlm.reducers`) ignores the questions: float [T_b or min(N, T_b), H]. ``pixel_values[b]``
+        (views float [V_b, 3, S, S]) seed ``random`` per image outside training (None: a fresh draw).
+        """
+        if self.fusion is not None:
+            return self.fusion(vision, questions, n_queries, n_queries_later, use_question, independent=independent)
+        seeds = None
+        if pixel_values is not None and not self.training:
+            seeds = [reducers.image_seed(p) for p in pixel_values]
+        later = self.config.fusion.later_for(n_queries, n_queries_later)
+        return reducers.reduce_batch(self.config.reducer, vision, [len(q) for q in questions], n_queries, later,
+                                     independent, seeds)
 
     def llm_embeddings(self, batch: Batch, fused: FusionOutput) -> torch.Tensor:
         """LLM input embeddings [R, L, D] with projected fused tokens at ``batch.fused_mask``.
@@ -184,6 +231,8 @@ class FusionVLM(nn.Module):
         batch = batch.to(self.device)
         fused = self.fuse(batch)
         if stage == "contrastive":
+            if self.fusion is None:
+                raise ConfigError(f"reducer={self.config.reducer}: the contrastive stage needs the fusion module")
             if batch.answer_tokens is None:
                 raise ValueError("the contrastive stage needs answer_tokens (build samples with "
                                  "with_answers_for_contrastive=True)")
@@ -248,8 +297,12 @@ class FusionVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, overrides: list[str] | None = None,
-                        device: str | torch.device = "cpu", trust_remote_code: bool = False) -> "FusionVLM":
+                        device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                        dtype: str | None = None) -> "FusionVLM":
         """Load a directory written by :meth:`save_pretrained` (overrides such as ``fusion.n_queries=64``).
+
+        ``dtype`` (inference): cast the parts other than the LLM with :meth:`cast_for_inference` (``llm``:
+        the LLM's precision, the fast choice on a CPU); None keeps them as saved (float32).
 
         ``trust_remote_code`` is the only switch that lets the LLM or its
         tokenizer run Python code shipped with them: a checkpoint's
@@ -296,7 +349,7 @@ class FusionVLM(nn.Module):
         if has_llm_file and model.llm is not None:  # llm.load=false builds no LLM
             _load_strict(model.llm, directory / LLM_FILE)
             model.llm.tie_weights()
-        return model
+        return model if dtype is None else model.cast_for_inference(dtype)
 
 
 def _llm_reference(directory: Path) -> dict:
@@ -350,4 +403,4 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def vision_token_count(cfg: ModelConfig, n_views: int) -> int:
     """Merged vision tokens entering the fusion module for ``n_views`` views (1450 for 10 paper views)."""
-    return n_views * tokens_per_view(cfg.views.view_size // cfg.vision.patch_size, cfg.merge)
+    return reducers.vision_tokens(cfg, n_views)

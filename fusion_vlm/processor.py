@@ -21,8 +21,9 @@ import open_clip
 import torch
 
 from fusion_vlm.config import ModelConfig
-from fusion_vlm.fusion import QuestionTokenizer, group_sizes
+from fusion_vlm.fusion import QuestionTokenizer
 from fusion_vlm.language import IGNORE_INDEX, build_prompt
+from fusion_vlm.reducers import group_counts, vision_tokens
 from fusion_vlm.views import ViewProcessor, load_image
 
 
@@ -123,8 +124,10 @@ class FusionProcessor:
         pixel_values = self.pixel_values(image)
         questions = [self.question_tokenizer(q) for q, _ in turns]
         system = self.cfg.llm.system_prompt
-        prompts = ([build_prompt(self.tokenizer, [turn], [n], system) for turn in turns] if independent else
-                   [build_prompt(self.tokenizer, turns, group_sizes(len(turns), n, later), system)])
+        # visual tokens per turn: N, N', ... (a baseline reducer: see fusion_vlm.reducers.group_counts)
+        sizes = group_counts(self.cfg.reducer, vision_tokens(self.cfg, pixel_values.shape[0]), len(turns), n, later)
+        prompts = ([build_prompt(self.tokenizer, [turn], [k], system) for turn, k in zip(turns, sizes)]
+                   if independent else [build_prompt(self.tokenizer, turns, sizes, system)])
         longest = max(len(p.input_ids) for p in prompts)
         if longest > self.cfg.llm.max_length:
             raise ValueError(f"sample {sample_id or ''}: LLM prompt of {longest} tokens exceeds "

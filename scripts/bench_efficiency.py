@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "model"],
                     help="precision of every stage, both paths (default: the paper's llm.dtype, bfloat16); "
                          "model: as FusionVLM runs by default (vision, merge, fusion float32; LLM llm.dtype)")
+    ap.add_argument("--attention", default=d.attention, choices=["sdpa_blocked", "sdpa"],
+                    help="attention of the fusion module and the LLM, both paths (default: sdpa, PyTorch's kernel, "
+                         "as FusionVLM runs by default; sdpa_blocked: fusion_vlm.attention)")
     ap.add_argument("--question-tokens", type=int, default=d.question_tokens)
     ap.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="chat-template tokens")
     ap.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds (medians), after a warm-up")
@@ -87,7 +90,8 @@ def main() -> None:
     if args.embedding_lookups:
         embedding_lookups(5)
     setup = BenchSetup(tuple(args.n), args.vision_layers, args.fusion_layers, args.llm_layers, args.dtype,
-                       args.question_tokens, args.prompt_tokens, rounds=args.rounds, threads=args.threads)
+                       args.question_tokens, args.prompt_tokens, rounds=args.rounds, threads=args.threads,
+                       attention=args.attention)
     print(f"torch {torch.__version__}; paper widths (ViT-H/14 1280 at 336 px, fusion 1024, Llama-2-7B 4096)")
     report = run_stage_bench(setup)
     print(format_report(report))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on several nodes listed in a DeepSpeed hostfile (run on the first node).
 #
-#   HOSTFILE=hostfile scripts/launch_multinode.sh --config stage2_generation [--set key=value ...]
+#   HOSTFILE=hostfile scripts/launch_multinode.sh --config stage2_generation [--FIELD VALUE ...]   (e.g. --max-steps 10)
 #
 # hostfile, one line per node:   node-a slots=8
 #                                node-b slots=8

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on one node with all its GPUs through the DeepSpeed launcher.
 #
-#   scripts/launch_node.sh --config stage2_generation [--set key=value ...]
+#   scripts/launch_node.sh --config stage2_generation [--FIELD VALUE ...]   (e.g. --max-steps 10)
 #
 # Arguments are those of `fusion-vlm train`. Environment:
 #   NUM_GPUS     GPUs to use (default: every GPU nvidia-smi lists)

@@ -44,9 +44,9 @@ for pair in $NS; do
   for mode in $MODES; do
     init=$STAGE2
     case "$mode" in
-      question) flag=--question ;;
+      question) use_question=true ;;
       noquestion)
-        flag=--no-question
+        use_question=false
         if [ "$VQ_FT_FROM" = stage3 ]; then init="$OUT/n${N}_question/final"; fi ;;
       *) echo "sweep_stage3.sh: unknown mode '$mode' (question | noquestion)" >&2; exit 2 ;;
     esac
@@ -60,8 +60,8 @@ for pair in $NS; do
       exit 2
     fi
     echo "[sweep] N=$N N'=$NP $mode from $init -> $dir"
-    cmd=("${launch[@]}" --config "$CONFIG" --init-from "$init" --n-queries "$N" --n-queries-later "$NP" $flag
-         --output-dir "$dir" "$@")
+    cmd=("${launch[@]}" --config "$CONFIG" --init-from "$init" --n-queries "$N" --n-queries-later "$NP"
+         --use-question "$use_question" --output-dir "$dir" "$@")
     if [ "$DRY_RUN" = 1 ]; then
       echo "[dry-run] ${cmd[*]}"
     else

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion_vlm.demo.pipeline import SIZES, _train_config
+from fusion_vlm.demo.pipeline import SIZES
+from fusion_vlm.demo.stages import stage_train_config
 
 
 def test_stages_ask_questions_independently_draw_n_and_stage3_keeps_the_files(tmp_path):
     size, data = SIZES["quick"], Path(tmp_path)
-    s1 = _train_config("contrastive", tmp_path / "s1", data, size, 3, 0)
-    s2 = _train_config("generation", tmp_path / "s2", data, size, 3, 0)
-    s3 = _train_config("generation", tmp_path / "s3", data, size, 3, 0, n_queries=4,
+    s1 = stage_train_config("contrastive", tmp_path / "s1", data, size, 3, 0)
+    s2 = stage_train_config("generation", tmp_path / "s2", data, size, 3, 0)
+    s3 = stage_train_config("generation", tmp_path / "s3", data, size, 3, 0, n_queries=4,
                        data={"fraction": 0.5, "fraction_seed": 7})
     assert s1.data.independent_questions and s2.data.independent_questions and s3.data.independent_questions
     assert s1.n_queries_choices == s2.n_queries_choices == list(size.n_values) and s3.n_queries_choices == []

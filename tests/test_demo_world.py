@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from fusion_vlm.demo.render import PALETTE, REGIONS, nearest_colour
-from fusion_vlm.demo.world import (FAMILIES, PLURAL, WorldConfig, describe, description_f1, export_llava,
-                                   make_examples, make_text_example, majority_baseline, score, WHERE)
+from fusion_vlm.demo.world import (FAMILIES, PLURAL, QA, Example, WorldConfig, WorldObject, describe,
+                                   description_f1, export_llava, family_scores, make_examples, make_text_example,
+                                   majority_baseline, score, shortcut_answer, shortcut_rules, WHERE)
 from fusion_vlm.views import plan_views
 
 CFG = WorldConfig()
@@ -231,3 +232,82 @@ def test_majority_baseline(train, test_split):
     common = Counter(qa.answer for ex in train for qa in ex.qas if qa.family == "counting").most_common(1)[0][0]
     truth = [qa.answer for ex in test_split for qa in ex.qas if qa.family == "counting"]
     assert base["counting"] == pytest.approx(truth.count(common) / len(truth))
+
+
+def _shape(region, colour, shape):
+    return WorldObject(region, "shape", (0, 0, 1, 1), shape=shape, colour=colour)
+
+
+def _scene():
+    """Hand-made scenes: (train, test) with known answers for the shortcut rules."""
+    objs_a = [_shape("top left", "red", "square"), _shape("centre", "blue", "circle"),
+              _shape("bottom right", "red", "circle"), WorldObject("top right", "letter", (0, 0, 1, 1), char="k")]
+    objs_b = [_shape("left", "green", "triangle")]
+    test = [
+        Example("test-0", None, [
+            QA("attribute", "What colour is the shape in the centre?", "blue"),      # commonest: red -> wrong
+            QA("attribute", "What shape is in the top left?", "square"),            # commonest: circle -> wrong
+            QA("existence", "Is there a blue square?", "no"),                       # both occur -> yes: wrong
+            QA("existence", "Is there a red circle?", "yes"),                       # yes: right
+            QA("counting", "How many circles are there?", "2"),                     # present -> 1: wrong
+            QA("counting", "How many green shapes are there?", "0"),                # absent -> 0: right
+            QA("reading", "What letter is written in the top right?", "k"),         # majority "q": wrong
+            QA("description", "Describe the image.", describe(objs_a)),
+        ], objs_a),
+        Example("test-1", None, [
+            QA("attribute", "What colour is the shape on the left?", "green"),      # right
+            QA("counting", "How many triangles are there?", "1"),                   # right
+            QA("description", "Describe the image.", describe(objs_b)),
+        ], objs_b),
+    ]
+    train = [Example("train-0", None, [QA("attribute", "q", "red"), QA("attribute", "q", "red"),
+                                       QA("attribute", "q", "blue"), QA("existence", "q", "no"),
+                                       QA("counting", "q", "1"), QA("reading", "q", "q"),
+                                       QA("description", "Describe the image.", "red square top left")], [])]
+    return train, test
+
+
+def test_shortcut_answers_by_hand():
+    train, test = _scene()
+    maj = {"attribute": "red", "existence": "no", "counting": "1", "reading": "q", "description": "x"}
+    got = [shortcut_answer("commonest", qa, test[0].objects, maj) for qa in test[0].qas]
+    # red 2 x, blue 1 x -> red; circle 2 x -> circle; blue and square each occur -> yes; red circle -> yes;
+    # circles present -> 1; no green shape -> 0; reading and description fall back to the majority answer
+    assert got == ["red", "circle", "yes", "yes", "1", "0", "q", "x"]
+    assert [shortcut_answer("majority", qa, test[0].objects, maj) for qa in test[0].qas] == [
+        "red", "red", "no", "no", "1", "1", "q", "x"]
+    with pytest.raises(ValueError, match="rule='oracle'"):
+        shortcut_answer("oracle", test[0].qas[0], test[0].objects, maj)
+
+
+def test_shortcut_rule_scores_by_hand():
+    train, test = _scene()
+    rules = shortcut_rules(train, test)
+    com, maj = rules["commonest"], rules["majority"]
+    # commonest: attribute right on test-1 only (1 of 3); existence 1 of 2; counting 2 of 3; reading 0 of 1
+    assert (com["attribute"]["correct"], com["attribute"]["image"]) == ([0, 0, 1], [0, 0, 1])
+    assert com["existence"]["accuracy"] == 50.0 and com["counting"]["correct"] == [0, 1, 1]
+    assert com["reading"]["accuracy"] == 0.0
+    # majority (train: red, no, 1, q, "red square top left"): attribute red/red/red -> 0, 0, 0;
+    # existence no/no -> 1, 0; counting 1/1/1 -> 0, 0, 1
+    assert maj["attribute"]["correct"] == [0, 0, 0] and maj["existence"]["correct"] == [1, 0]
+    assert maj["counting"]["correct"] == [0, 0, 1]
+    # description by item F1: "red square top left" vs test-0's 4 items -> 2*1/(1+4) = 0.4; vs test-1's -> 0
+    assert maj["description"]["score"] == pytest.approx([0.4, 0.0])
+    assert maj["description"]["metric"] == "f1" and maj["description"]["value"] == pytest.approx(20.0)
+    assert maj["description"]["accuracy"] == 0.0  # exact match stays in the record
+    # "all": mean over the 11 questions of the graded score (0/1, F1 for descriptions)
+    assert maj["all"]["value"] == pytest.approx(100 * (0 + 1 + 0 + 0 + 1 + 0 + 0.4 + 0) / 11)
+    assert maj["all"]["n"] == 11 and len(maj["all"]["score"]) == 11
+
+
+def test_family_scores_order_and_metrics():
+    recs = [{"family": "description", "image": 1, "correct": 0, "score": 0.5},
+            {"family": "attribute", "image": 0, "correct": 1, "score": 1.0},
+            {"family": "attribute", "image": 2, "correct": 0, "score": 0.0}]
+    out = family_scores(recs)
+    assert list(out) == ["attribute", "description", "all"]
+    assert out["attribute"] == {"accuracy": 50.0, "n": 2, "correct": [1, 0], "image": [0, 2], "metric": "accuracy",
+                                "value": 50.0}
+    assert out["description"]["f1"] == 50.0 and out["description"]["score"] == [0.5]
+    assert out["all"]["image"] == [0, 2, 1] and out["all"]["value"] == pytest.approx(100 * 1.5 / 3)

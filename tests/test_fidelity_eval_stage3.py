@@ -15,7 +15,7 @@ SCRIPT = ROOT / "scripts" / "sweep_stage3.sh"
 def _run(tmp_path, **env):
     # LAUNCH is a no-op command by default, so nothing can train even if DRY_RUN were ignored
     full = {**os.environ, "OUT": str(tmp_path), "NS": "64:8 1:1", "STAGE2": "s2/final", "LAUNCH": "true", **env}
-    return subprocess.run(["bash", str(SCRIPT), "--set", "seed=1"], env=full, capture_output=True, text=True,
+    return subprocess.run(["bash", str(SCRIPT), "--seed", "1"], env=full, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
 
@@ -40,8 +40,8 @@ def test_default_starts_both_runs_from_stage2(tmp_path):
     assert list(cmds) == ["n64_question", "n64_noquestion", "n1_question", "n1_noquestion"]
     assert {_init(a) for a in cmds.values()} == {"s2/final"}
     assert cmds["n64_noquestion"] == ["true", "--config", "stage3_finetune", "--init-from",
-                                      "s2/final", "--n-queries", "64", "--n-queries-later", "8", "--no-question",
-                                      "--output-dir", f"{tmp_path}/n64_noquestion", "--set", "seed=1"]
+                                      "s2/final", "--n-queries", "64", "--n-queries-later", "8", "--use-question",
+                                      "false", "--output-dir", f"{tmp_path}/n64_noquestion", "--seed", "1"]
     assert not any(tmp_path.iterdir())  # a dry run trains nothing
 
 

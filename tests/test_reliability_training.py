@@ -14,6 +14,7 @@ import torch
 
 from fusion_vlm.cli import main
 from fusion_vlm.config import CONFIG_DIR
+from fusion_vlm.schema import override_flags
 from fusion_vlm.training.config import LoggingConfig, TrainConfig, load_train_config
 from fusion_vlm.training.data import SkipCounter, SkipSample, load_llava, parse_record
 from fusion_vlm.training.loop import NonFiniteLossError, train
@@ -93,8 +94,7 @@ def test_diverged_run_stops_and_exports_nothing(tiny_data, tmp_path, lr, capsys)
     path, root = tiny_data
     out = tmp_path / "run"
     code = main(["train", "--config", "tiny_stage2", "--output-dir", str(out), "--max-steps", "10",
-                 *[x for c in [f"data.files=[{path}]", f"data.image_root={root}", *QUICK, f"optim.lr={lr}"]
-                   for x in ("--set", c)]])
+                 *override_flags([f"data.files=[{path}]", f"data.image_root={root}", *QUICK, f"optim.lr={lr}"])])
     err = capsys.readouterr().err
     assert code == 2 and not (out / "final").exists()
     line = [x for x in err.splitlines() if x.startswith("fusion-vlm train: error:")]

@@ -14,6 +14,7 @@ import pytest
 
 from fusion_vlm.cli import main
 from fusion_vlm.errors import CheckpointError
+from fusion_vlm.schema import override_flags
 from fusion_vlm.training import checkpoint as ckpt
 from fusion_vlm.training.config import LoggingConfig, load_train_config
 from fusion_vlm.training.loop import train
@@ -92,7 +93,7 @@ def test_no_intact_checkpoint_is_a_one_line_error(runs, tmp_path, capsys):
     (out / "checkpoint-0000002/trainer_state.json").write_text("{not json")
     capsys.readouterr()
     code = main(["train", "--config", "tiny_stage2", "--output-dir", str(out),
-                 *[x for c in common for x in ("--set", c)]])
+                 *override_flags(common)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("fusion-vlm train: error:")]

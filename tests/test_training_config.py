@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from fusion_vlm.cli import build_parser
-from fusion_vlm.commands.train import overrides_from_args
-from fusion_vlm.schema import ConfigError
-from fusion_vlm.training.config import load_train_config
+from fusion_vlm.schema import ConfigError, overrides_from_namespace
+from fusion_vlm.training.config import TrainConfig, load_train_config
 from fusion_vlm.training.engine import deepspeed_config, lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +28,7 @@ def test_paper_stage_hyperparameters():
         (5, 64, 1.0, 0.1, "runs/stage2_generation/final")
     for c in (s1, s2, s3):
         assert c.optim.lr == 2e-5 and c.optim.schedule == "cosine" and c.model == "paper"
-    assert (s2.n_queries, s2.n_queries_later) == (256, 8)
+    assert (s2.n_queries, s2.n_queries_later) == (256, None)  # N' = min(256, 8) = 8 (tests/test_cli_schema.py)
     for name in ("tiny_stage1", "tiny_stage2", "tiny_stage3"):
         t = load_train_config(name)
         assert t.model == "tiny" and t.engine.device == "cpu"
@@ -55,16 +54,16 @@ def test_config_errors_name_the_field():
 
 
 def test_stage3_command_line_sets_n_and_question():
-    args = build_parser().parse_args(["train", "--config", "stage3_finetune", "--n-queries", "4", "--no-question",
-                                      "--output-dir", "o", "--resume", "never"])
-    cfg = load_train_config(args.config, overrides_from_args(args))
+    args = build_parser().parse_args(["train", "--config", "stage3_finetune", "--n-queries", "4", "--use-question",
+                                      "false", "--output-dir", "o", "--checkpoint.resume", "never"])
+    cfg = load_train_config(args.config, overrides_from_namespace(args, TrainConfig))
     assert (cfg.n_queries, cfg.n_queries_later, cfg.use_question, cfg.output_dir) == (4, None, False, "o")
     assert cfg.checkpoint.resume == "never"
     assert cfg.model_overrides_all() == ["fusion.n_queries=4", "fusion.n_queries_later=null",
                                          "fusion.use_question=false"]
     args = build_parser().parse_args(["train", "--config", "stage3_finetune", "--n-queries", "768",
                                       "--n-queries-later", "8", "--local_rank=3"])
-    cfg = load_train_config(args.config, overrides_from_args(args))
+    cfg = load_train_config(args.config, overrides_from_namespace(args, TrainConfig))
     assert (cfg.n_queries, cfg.n_queries_later, cfg.use_question) == (768, 8, True)
 
 
@@ -160,12 +159,13 @@ def test_sweep_script_covers_the_paper_list(tmp_path):
     done.mkdir(parents=True)
     (done / "model.safetensors").write_bytes(b"x")
     env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path)}
-    r = _run("scripts/sweep_stage3.sh", "--set", "seed=1", env=env)
+    r = _run("scripts/sweep_stage3.sh", "--seed", "1", env=env)
     assert r.returncode == 0, r.stderr
     runs = [line.split() for line in r.stdout.splitlines() if line.startswith("--config")]
-    pairs = [(a[a.index("--n-queries") + 1], a[a.index("--n-queries-later") + 1], a[8]) for a in runs]
+    pairs = [(a[a.index("--n-queries") + 1], a[a.index("--n-queries-later") + 1], a[a.index("--use-question") + 1])
+             for a in runs]
     expected = [(n, p, q) for n, p in [("768", "8"), ("512", "8"), ("384", "8"), ("256", "8"), ("128", "8"),
                                        ("64", "8"), ("32", "8"), ("16", "8"), ("8", "8"), ("1", "1")]
-                for q in ("--question", "--no-question") if (n, q) != ("8", "--question")]
-    assert pairs == expected and all(a[-2:] == ["--set", "seed=1"] for a in runs)
+                for q in ("true", "false") if (n, q) != ("8", "true")]
+    assert pairs == expected and all(a[-2:] == ["--seed", "1"] for a in runs)
     assert "n8_question done, skipping" in r.stdout

@@ -22,7 +22,7 @@ from fusion_vlm.training.tiny_data import make_tiny_dataset
 from conftest import make_image
 
 pytest.importorskip("deepspeed")
-QUIET = ["--set", "logging.progress_bar=false", "--set", "logging.wandb_mode=disabled"]
+QUIET = ["--logging.progress-bar", "false", "--logging.wandb-mode", "disabled"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_data(tmp_path_factory):
 
 def data_args(tiny_data):
     path, root = tiny_data
-    return ["--set", f"data.files=[{path}]", "--set", f"data.image_root={root}"]
+    return ["--data.files", f"[{path}]", "--data.image-root", str(root)]
 
 
 def cfg_for(name, tiny_data, out, *overrides):
@@ -45,7 +45,7 @@ def cfg_for(name, tiny_data, out, *overrides):
 def test_three_stages_through_the_cli(tiny_data, tmp_path, capsys):
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
     assert main(["train", "--config", "tiny_stage1", "--output-dir", str(s1), "--max-steps", "2",
-                 "--set", "micro_batch_size=3", *data_args(tiny_data), *QUIET]) == 0
+                 "--micro-batch-size", "3", *data_args(tiny_data), *QUIET]) == 0
     rows = read_metrics(s1 / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all("contrastive" in r and "identity" in r for r in rows)
     assert all(r["samples"] == 3 and r["tokens"] > 0 and r["lr"] > 0 for r in rows)
@@ -63,7 +63,7 @@ def test_three_stages_through_the_cli(tiny_data, tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["train", "--config", "tiny_stage3", "--output-dir", str(s3), "--init-from", str(s2 / "final"),
-                 "--n-queries", "4", "--no-question", *data_args(tiny_data), *QUIET]) == 0
+                 "--n-queries", "4", "--use-question", "false", *data_args(tiny_data), *QUIET]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 1 and summary["stopped"] is None  # 6 of 12 records / (2 x 2) = one pass, 1 step
     from fusion_vlm.model import FusionVLM
@@ -204,8 +204,8 @@ def test_bad_records_are_skipped_and_counted(tiny_data, tmp_path):
 
 
 def test_wrong_image_root_aborts_with_a_clear_message(tiny_data, tmp_path, capsys):
-    code = main(["train", "--config", "tiny_stage2", "--output-dir", str(tmp_path / "x"), "--set", "init_from=null",
-                 *data_args(tiny_data), "--set", f"data.image_root={tmp_path / 'wrong'}", *QUIET])
+    code = main(["train", "--config", "tiny_stage2", "--output-dir", str(tmp_path / "x"), "--init-from", "null",
+                 *data_args(tiny_data), "--data.image-root", str(tmp_path / "wrong"), *QUIET])
     err = capsys.readouterr().err
     assert code == 2 and "12 of 12 samples skipped" in err and "image_root" in err
 
@@ -255,8 +255,8 @@ def test_two_cpu_ranks_with_torchrun(tiny_data, tmp_path):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
            str(repo / "train/train.py"), "--config", "tiny_stage2", "--output-dir", str(tmp_path / "w2"),
-           "--max-steps", "2", "--set", "init_from=null", "--set", f"data.files=[{f}]",
-           "--set", f"data.image_root={root}", "--set", "logging.progress_bar=false"]
+           "--max-steps", "2", "--init-from", "null", "--data.files", f"[{f}]",
+           "--data.image-root", str(root), "--logging.progress-bar", "false"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=repo)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])

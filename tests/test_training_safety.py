@@ -65,9 +65,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_data, tmp_path, monkeypatch, 
 
     patch_forward(monkeypatch, term_on_2)
     path, root = tiny_data
-    code = main(["train", "--config", "tiny_stage2", "--output-dir", str(tmp_path / "run"), "--set", "init_from=null",
-                 "--set", f"data.files=[{path}]", "--set", f"data.image_root={root}", "--set", "grad_accum=1",
-                 "--set", "max_steps=5", "--set", "logging.progress_bar=false"])
+    code = main(["train", "--config", "tiny_stage2", "--output-dir", str(tmp_path / "run"), "--init-from", "null",
+                 "--data.files", f"[{path}]", "--data.image-root", str(root), "--grad-accum", "1",
+                 "--max-steps", "5", "--logging.progress-bar", "false"])
     assert code == 143
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["stopped"] == "signal" and summary["steps"] == 2 and summary["final"] is None

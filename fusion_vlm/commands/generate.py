@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--n-queries-later", type=int, default=None, help="N' slots for later questions")
     p.add_argument("--no-question", action="store_true",
                    help="drop the question from the fusion input (the vq / vq_ft modes)")
+    p.add_argument("--dtype", choices=["llm", "float32", "bfloat16"], default=None,
+                   help="precision of vision tower, merge, fusion and projector (default: as saved, float32); "
+                        "llm: the LLM's (bfloat16), much faster on a CPU")
     add_generation_arguments(p)
     add_trust_argument(p)
     p.set_defaults(func=run)
@@ -87,7 +90,7 @@ def run(args) -> int:
             raise UsageError(f"{flag} {value}: must be >= 1")
     settings = GenerationSettings(n_queries=args.n_queries, n_queries_later=args.n_queries_later,
                                   use_question=not args.no_question, max_new_tokens=args.max_new_tokens,
-                                  do_sample=args.do_sample, batch_size=args.batch_size)
+                                  do_sample=args.do_sample, batch_size=args.batch_size, dtype=args.dtype)
     runner = Runner(args.checkpoint, settings, device=args.device, trust_remote_code=args.trust_remote_code)
     with user_input(UsageError):  # --n-queries / --n-queries-later out of the checkpoint's range
         runner.model.processor.resolve(args.n_queries, args.n_queries_later, not args.no_question)

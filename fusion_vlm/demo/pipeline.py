@@ -1,4 +1,6 @@
-"""The CPU demo end to end: world -> stage 0 -> stages 1-3 -> N-sweep -> evaluation -> report.
+"""The CPU demo end to end: world -> stand-ins -> stages 1-3 -> N-sweep -> baselines -> evaluation -> report.
+
+The recipe is a :class:`fusion_vlm.demo.config.DemoConfig` (``configs/demo/quick.yaml``, ``full.yaml``).
 
 Every training stage goes through the real entry point
 (:func:`fusion_vlm.training.loop.train`, DeepSpeed on gloo); every stage writes
@@ -12,66 +14,34 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
+from fusion_vlm.demo.config import DemoConfig, load_demo_config
+from fusion_vlm.demo.stages import run_stage
 from fusion_vlm.evaluation.settings import MODES  # vqq, vq_ft, vq (the paper's input modes)
-from fusion_vlm.schema import from_dict, save_config
+from fusion_vlm.schema import apply_overrides, from_dict, save_config, to_dict
 
 ELASTIC = "elastic"  # the stage-2 model (N drawn per micro-batch) run at every N, no stage-3 fine-tune
+PRESET_NAMES = ("quick", "full")  # configs/demo/<name>.yaml
 
 
-@dataclass(frozen=True)
-class DemoSize:
-    """How big a demo run is."""
-
-    train_images: int  # images in the train split (each with the world's 8-10 questions)
-    test_images: int  # images in the test split
-    stage0: str  # stage-0 preset of fusion_vlm.demo.stage0 (quick | full)
-    stage1_steps: int  # contrastive steps, N drawn from n_values per micro-batch
-    stage2_steps: int  # generation steps, N drawn from n_values per micro-batch
-    stage3_steps: int  # fine-tune steps per N and variant
-    stage3_fraction: float  # seeded subset of the train split used by stage 3 (the paper's 10%)
-    micro_batch: int  # samples per step
-    lr: float  # peak learning rate of stages 1-3
-    n_values: tuple[int, ...]  # the N sweep; N' = min(N, 8)
+def __getattr__(name: str):
+    """``SIZES``: {preset: DemoConfig} of ``configs/demo/`` (read on access; the recipe lives in the YAML)."""
+    if name == "SIZES":
+        return {p: load_demo_config(p) for p in PRESET_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def demo_world(seed: int = 0):
-    """The world the demo trains and tests on: the default world made easier to learn in CPU minutes.
+def demo_world(seed: int = 0, config: str | Path | DemoConfig = "full"):
+    """The world of a demo config (``configs/demo/<config>.yaml``, ``world``) with ``seed``.
 
-    3 colours x 3 shapes with one held-out pair (red triangle: in the test split only, as often as any
-    other pair), 1-3 large shapes and one glyph per image, 8-10 questions per image (the vision tokens of
-    an image serve all of them, so more questions make a step more informative at little cost), aspect
-    ratios up to 2:1 and HD-4 views (``views.max_local_views=4`` in MODEL_OVERRIDES). With one held-out
-    pair per colour and per shape instead, each colour is seen with two shapes only, models learn shape
-    through colour, and held-out shape accuracy falls below chance.
-    Why each change: docs/demo.md, "Why each choice".
+    The default world made easier to learn in CPU minutes: 3 colours x 3 shapes with one held-out pair,
+    1-3 large shapes and one glyph per image, 8-10 questions per image, aspect ratios up to 2:1 and HD-4
+    views. Why each change: docs/demo.md, "Why each choice".
     """
-    from fusion_vlm.demo.world import WorldConfig
-
-    return WorldConfig(seed=seed, max_aspect=2.0, colours=("red", "green", "blue"),
-                       shapes=("square", "circle", "triangle"),
-                       heldout=(("red", "triangle"),), test_min_heldout=0,
-                       n_shapes=(1, 3), n_glyphs=(1, 1), object_frac=(0.75, 0.95), max_local_views=4,
-                       questions=(8, 10))
-
-
-SIZES = {
-    "quick": DemoSize(2000, 96, "quick", 400, 100, 20, 0.1, 8, 1e-3, (1, 4, 16)),
-    "full": DemoSize(2000, 144, "full", 500, 250, 30, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64)),
-}
-# The tiny preset, widened a little so that a 2-core CPU can learn the world within the time budget; HD-4 views.
-# Stage 1 with the stage-0 CLIP text tower frozen (the answers' embeddings act as fixed class prototypes)
-# and identical answers as positives: the one stage-1 set-up whose features reached the LLM (docs/demo.md).
-MODEL_OVERRIDES = ["views.max_local_views=4", "views.hd_rule=no_upsize", "fusion.hidden_size=96", "fusion.num_layers=3", "fusion.num_heads=4",
-                   "fusion.num_kv_heads=4", "fusion.intermediate_size=192", "loss.freeze_text_encoder=true",
-                   "loss.same_answer_positive=true"]
-
-# lr multipliers per stage. Stage 1 grounds vision + fusion at the full lr; stages 2-3 then mostly train the
-# projector, so that the grounding of stage 1 survives (docs/demo.md).
-LR_SCALE = {"contrastive": {},
-            "generation": {"vision": 0.01, "merge": 0.01, "fusion": 0.01, "projector": 3.0}}
+    cfg = config if isinstance(config, DemoConfig) else load_demo_config(config)
+    return replace(cfg.world, seed=seed)
 
 
 class Timings:
@@ -90,73 +60,96 @@ class Timings:
         self.path.write_text(json.dumps(self.data, indent=2))
 
 
-def _train_config(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra):
-    from fusion_vlm.training.config import TrainConfig
-
-    # Every stage asks each question of an image on its own (N slots after it; in stages 2-3 one LLM row per
-    # question), as the evaluation asks them and as the stand-in LLM read them in stage 0, all from one vision
-    # pass per image. With whole conversations, or one question per sample, stages 2-3 did not pass stage 1's
-    # answers to the LLM, and a stage 1 fused as conversations (N slots, then N') left N = 1 untrained
-    # (docs/demo.md, "Why each choice")
-    data = {"files": [str(data_dir / "train.jsonl")], "image_root": str(data_dir), "shuffle": True,
-            "independent_questions": True}
-    data.update(extra.pop("data", {}))
-    cfg = {
-        "stage": stage, "output_dir": str(out), "seed": seed, "micro_batch_size": size.micro_batch,
-        "grad_accum": 1, "max_steps": steps, "data": data,
-        "optim": {"lr": size.lr, "warmup_ratio": 0.1 if stage == "contrastive" else 0.03,
-                  "lr_scale": LR_SCALE[stage]},
-        # stages 1-2 draw N from the sweep per micro-batch (one fusion for every N); stage 3 fixes it
-        "n_queries_choices": [] if "n_queries" in extra else list(size.n_values),
-        "engine": {"device": "cpu"},
-        "checkpoint": {"every": 0, "keep_last": 1},
-        "logging": {"wandb_mode": "disabled", "progress_bar": True},
-        **extra,
-    }
-    train_cfg = from_dict(TrainConfig, cfg)
-    train_cfg.validate()
-    return train_cfg
-
-
-def _train(stage: str, out: Path, data_dir: Path, size: DemoSize, steps: int, seed: int, **extra) -> Path:
-    """Run one stage through the training entry point unless ``out/final`` exists; returns ``out/final``."""
-    from fusion_vlm.training.loop import train
-
-    final = out / "final"
-    if (final / "model.safetensors").is_file():
-        print(f"[demo] {out.name}: done earlier, skipped")
-        return final
-    train(_train_config(stage, out, data_dir, size, steps, seed, **extra))
-    return final
-
-
-def _context_probe(llm_dir: Path, examples) -> dict:
-    """How well the frozen stage-0 LLM answers the test questions from each kind of text context
-    ({kind: {family: accuracy %}}); cached in ``llm_dir/context_probe.json``."""
+def _context_probe(llm_dir: Path, examples, path: Path) -> dict:
+    """How well the frozen stand-in LLM answers the test questions from each kind of text context
+    ({kind: {family: accuracy %}}); cached in ``path``."""
     from fusion_vlm.demo.text_llm import context_accuracy
 
-    path = Path(llm_dir) / "context_probe.json"
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(context_accuracy(llm_dir, examples), indent=2))
     return json.loads(path.read_text())
 
 
-def run_demo(out_dir: str | Path = "demo_out", size: str = "full", seed: int = 0) -> Path:
-    """Run (or resume) the whole demo in ``out_dir``; returns the path of ``report.md``."""
+def _standins(s: DemoConfig, train_ex, out: Path) -> dict:
+    """The stand-in CLIP and LLM of the run: {"clip_path", "llm_dir", "source"}. The shipped ones
+    (:func:`fusion_vlm.demo.standins.shipped_standins`) when ``s.standins`` is shipped and the run's world is
+    the one they were made for; else trained here by :func:`fusion_vlm.demo.stage0.run_stage0` (preset
+    ``s.stage0``) into ``out``."""
+    from fusion_vlm.demo import stage0
+    from fusion_vlm.demo.standins import shipped_standins, shipped_world
+
+    shipped = shipped_standins()
+    if s.standins == "shipped":
+        if s.world == shipped_world(0) and shipped["clip"].is_file():
+            print(f"[demo] stand-ins: shipped ({shipped['dir']}; see its MODEL_CARD.md)", flush=True)
+            probe = json.loads(shipped["probe"].read_text()) if shipped["probe"].is_file() else None
+            return _record_standins(out, {"clip_path": shipped["clip"], "llm_dir": shipped["llm"],
+                                          "source": "shipped with the package (fusion-vlm standins make)",
+                                          "probe": probe})
+        print("[demo] stand-ins: the shipped ones were made for another world (configs/demo/full.yaml, seed 0); "
+              f"training them here (preset {s.stage0})", flush=True)
+    pre = stage0.run_stage0(train_ex, out, s.stage0, seed=s.seed, world=s.world)
+    return _record_standins(out, {"clip_path": pre["clip_path"], "llm_dir": pre["llm_dir"],
+                                  "source": f"trained in the run (stage-0 preset {s.stage0}; probe them with "
+                                            f"fusion-vlm standins probe --dir {out})", "probe": None})
+
+
+def _record_standins(out: Path, info: dict) -> dict:
+    """Write ``out/standins.json`` (where the stand-ins came from, their probe figures; read by the report)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "standins.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in info.items()}, indent=2))
+    return info
+
+
+def resolve(config: str | Path | DemoConfig = "full", seed: int | None = None,
+            overrides: list[str] | None = None) -> DemoConfig:
+    """The demo config of a preset name, a YAML path or a DemoConfig, with ``--set`` overrides and ``seed``."""
+    if isinstance(config, DemoConfig):
+        cfg = from_dict(DemoConfig, apply_overrides(to_dict(config), overrides)) if overrides else config
+    else:
+        cfg = load_demo_config(config, overrides)
+    if seed is not None:
+        cfg = replace(cfg, seed=seed, world=replace(cfg.world, seed=seed))
+    cfg.validate()
+    return cfg
+
+
+def _record_config(cfg: DemoConfig, out: Path) -> None:
+    """Write ``out/config.yaml``; warn when an earlier run in ``out`` used another config (its finished
+    stages are reused as they are)."""
+    path = out / "config.yaml"
+    if path.is_file():
+        before = load_demo_config(path)
+        if before != cfg:
+            print(f"[demo] warning: {out} holds a run of another config; finished stages are reused as they are "
+                  f"(use a fresh --out to start over)", flush=True)
+    save_config(cfg, path)
+
+
+def run_demo(out_dir: str | Path = "demo_out", config: str | Path | DemoConfig = "full", seed: int | None = None,
+             overrides: list[str] | None = None) -> Path:
+    """Run (or resume) the whole demo in ``out_dir``; returns the path of ``report.md``.
+
+    ``config``: a preset name of ``configs/demo/`` (quick | full), a YAML path or a :class:`DemoConfig`;
+    ``overrides``: ``key=value`` strings on it; ``seed``: replaces the config's seed when given.
+    """
     import torch
 
     from fusion_vlm.demo import stage0, world
-    from fusion_vlm.demo.evaluate import evaluate
+    from fusion_vlm.demo.baselines import baseline_runs, evaluate_baseline, train_baseline
+    from fusion_vlm.demo.evaluate import evaluate_to
     from fusion_vlm.demo.report import write_report
     from fusion_vlm.model import FusionVLM
 
-    if size not in SIZES:
-        raise ValueError(f"size={size!r}: expected one of {sorted(SIZES)}")
-    s, out = SIZES[size], Path(out_dir)
+    s, out = resolve(config, seed, overrides), Path(out_dir)
+    seed = s.seed
     out.mkdir(parents=True, exist_ok=True)
+    _record_config(s, out)
     timings = Timings(out / "timings.json")
     data_dir = out / "data"
-    wcfg = demo_world(seed)
+    wcfg = s.world
     with timings.stage("world"):
         train_ex = world.make_examples("train", s.train_images, wcfg)
         test_ex = world.make_examples("test", s.test_images, wcfg)
@@ -164,50 +157,50 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "full", seed: int = 0
             world.export_llava(train_ex, data_dir, "train.jsonl")
             world.export_llava(test_ex, data_dir, "test.jsonl")
     with timings.stage("stage0 (CLIP + text-only LLM stand-ins)"):
-        pre = stage0.run_stage0(train_ex, out / "stage0", s.stage0, seed=seed, world=wcfg)
-        reading = _context_probe(pre["llm_dir"], test_ex[:16])
+        pre = _standins(s, train_ex, out / "stage0")
+        reading = _context_probe(pre["llm_dir"], test_ex[:16], out / "stage0" / "context_probe.json")
     model_yaml = out / "model.yaml"
     n_max = max(s.n_values)
     save_config(stage0.demo_model_config(pre["clip_path"], pre["llm_dir"], n_queries=n_max,
-                                         overrides=MODEL_OVERRIDES + [f"fusion.max_queries={max(n_max, 8)}"]),
+                                         overrides=list(s.model_overrides) + [f"fusion.max_queries={max(n_max, 8)}"]),
                 model_yaml)
     with timings.stage("stage1 contrastive"):
-        s1 = _train("contrastive", out / "stage1", data_dir, s, s.stage1_steps, seed, model=str(model_yaml))
+        s1 = run_stage("contrastive", out / "stage1", data_dir, s, s.stage1.steps, seed, settings=s.stage1,
+                    model=str(model_yaml))
     with timings.stage("stage2 generation"):
-        s2 = _train("generation", out / "stage2", data_dir, s, s.stage2_steps, seed, init_from=str(s1))
+        s2 = run_stage("generation", out / "stage2", data_dir, s, s.stage2.steps, seed, settings=s.stage2,
+                    init_from=str(s1))
     finals = {}
     with timings.stage("stage3 N-sweep fine-tunes"):
         for n in s.n_values:
             for variant, use_q in (("vqq", True), ("vq_ft", False)):
-                finals[(variant, n)] = _train(
-                    "generation", out / "stage3" / f"{variant}_n{n}", data_dir, s, s.stage3_steps, seed,
-                    init_from=str(s2), n_queries=n, use_question=use_q,
-                    data={"fraction": s.stage3_fraction, "fraction_seed": seed})
+                finals[(variant, n)] = run_stage(
+                    "generation", out / "stage3" / f"{variant}_n{n}", data_dir, s, s.stage3.steps, seed,
+                    settings=s.stage3, init_from=str(s2), n_queries=n, use_question=use_q)
+    baselines = []  # (run, final checkpoint) of each baseline: all merged tokens, avg-pool to N, N random tokens
+    with timings.stage("baselines (all tokens, avg-pool, random)"):
+        if s.baselines.steps:
+            for run in baseline_runs(s.n_values):
+                baselines.append((run, train_baseline(run, s1, out / "baselines" / run.mode, data_dir, s,
+                                                      s.baselines.steps, seed)))
     results = {}
     with timings.stage("evaluation"):
-        for n in s.n_values:
-            for mode in MODES:
-                path = out / "eval" / f"{mode}_n{n}.json"
-                if not path.is_file():
-                    ckpt = finals[("vq_ft" if mode == "vq_ft" else "vqq", n)]
-                    torch.manual_seed(seed)
-                    model = FusionVLM.from_pretrained(ckpt)
-                    scores = evaluate(model, test_ex, n, use_question=(mode == "vqq"))
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(scores, indent=2))
-                    print(f"[demo] N={n:<3} {mode:<6} " + "  ".join(
-                        f"{f} {v['accuracy']:.1f}" for f, v in scores.items()), flush=True)
-                results[(mode, n)] = json.loads(path.read_text())
-        for n in s.n_values:  # one model for every N: stage 2 as trained, with the question, nested slots
-            path = out / "eval" / f"{ELASTIC}_n{n}.json"
-            if not path.is_file():
+        runs = [(mode, n, finals[("vq_ft" if mode == "vq_ft" else "vqq", n)], mode == "vqq")
+                for n in s.n_values for mode in MODES]
+        # one model for every N: stage 2 as trained, with the question, nested slots
+        runs += [(ELASTIC, n, s2, True) for n in s.n_values]
+        for mode, n, ckpt, use_q in runs:
+            def load(ckpt=ckpt):
                 torch.manual_seed(seed)
-                scores = evaluate(FusionVLM.from_pretrained(s2), test_ex, n, use_question=True)
-                path.write_text(json.dumps(scores, indent=2))
-                print(f"[demo] N={n:<3} {ELASTIC:<7} " + "  ".join(
-                    f"{f} {v['accuracy']:.1f}" for f, v in scores.items()), flush=True)
-            results[(ELASTIC, n)] = json.loads(path.read_text())
+                return FusionVLM.from_pretrained(ckpt)
+
+            results[(mode, n)] = evaluate_to(out / "eval" / f"{mode}_n{n}.json", load, test_ex, n, use_q,
+                                             s.eval.batch_images, s.eval.max_new_tokens, label=mode)
+        for run, ckpt in baselines:  # avgpool / random at every N, all_tokens once (N = None: it ignores N)
+            for n, scores in evaluate_baseline(run, ckpt, test_ex, out / "eval", seed, batch_images=s.eval.batch_images,
+                                               max_new_tokens=s.eval.max_new_tokens).items():
+                results[(run.mode, n)] = scores
     with timings.stage("report"):
-        report = write_report(out, results, world.majority_baseline(train_ex, test_ex), s, timings.data, reading)
+        report = write_report(out, results, world.shortcut_rules(train_ex, test_ex), s, timings.data, reading)
     print(f"\n[demo] report: {report}")
     return report

@@ -35,6 +35,10 @@ from fusion_vlm.views import ViewPlan, ViewProcessor
 PRESETS = {
     "quick": {"clip_steps": 150, "clip_batch": 64, "llm_steps": 300, "llm_batch": 64},
     "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},  # llm_batch: questions
+    # the stand-ins shipped with the package (fusion_vlm.demo.standins, `fusion-vlm standins make`): sized to
+    # ~25 minutes on a shared 2-core CPU; "long" is the same recipe for a machine with an hour or more
+    "ship": {"clip_steps": 500, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},
+    "long": {"clip_steps": 3000, "clip_batch": 64, "llm_steps": 5000, "llm_batch": 64},
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer

@@ -235,7 +235,7 @@ def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXT
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    model = LlamaForCausalLM.from_pretrained(llm_dir).eval()
+    model = LlamaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()  # fp16 files are upcast
     out = {}
     for kind in kinds:
         right = defaultdict(list)

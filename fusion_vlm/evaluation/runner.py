@@ -43,6 +43,8 @@ class GenerationSettings:
     batch_size: int = 8  # images per generate call
     seed: int | None = 0  # torch.manual_seed when the Runner is built (matters only with do_sample); None = unseeded
     min_new_tokens: int = 1  # at least this many tokens per answer (the reference's 1: no empty answer)
+    dtype: str | None = None  # precision of the parts other than the LLM: llm (the LLM's, fast on a CPU) | float32
+    #                           | bfloat16; None = as saved (float32) -- FusionVLM.cast_for_inference
 
 
 class Runner:
@@ -66,6 +68,8 @@ class Runner:
             model = FusionVLM.from_pretrained(self.checkpoint, device=device, trust_remote_code=trust_remote_code)
         self.model = model
         self.model.eval()
+        if self.settings.dtype is not None:
+            self.model.cast_for_inference(self.settings.dtype)
 
     def max_new_tokens_for(self, dataset: str | None = None, dataset_type: str | None = None) -> int:
         """Tokens per answer: the explicit setting, else the reference rule for ``dataset`` of VLMEvalKit ``TYPE``."""

@@ -3,7 +3,7 @@
 ``configs/train/*.yaml`` are instances of :class:`TrainConfig`, loaded with the
 repo's schema utilities (:func:`fusion_vlm.schema.load_config`), so unknown keys
 and wrong types fail at load time with a message naming the field, and every
-field can be overridden with ``--set section.field=value``.
+field is a ``fusion-vlm train`` flag (``--section.field VALUE``, generated from this schema).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class TrainConfig:
     model_overrides: list[str] = field(default_factory=list)  # `section.field=value` strings for the model config
     init_from: str | None = None  # FusionVLM.from_pretrained directory to start from (stage 3: the stage-2 output)
     n_queries: int | None = None  # N for this run (stage-3 sweep); null = the model config's
-    n_queries_later: int | None = None  # N' for this run; null = the model config's (min(N, 8) by default)
+    n_queries_later: int | None = None  # N' for this run; null = min(N, 8) when n_queries is set, else the model config's
     # draw N per micro-batch from these values (one fusion for every N of a sweep; N' = min(N, fusion.later));
     # the draw is seeded by (seed, epoch, micro-batch), the same on every rank; empty = n_queries for every batch
     n_queries_choices: list[int] = field(default_factory=list)
@@ -187,8 +187,8 @@ def resolve_train_config(name_or_path: str | Path) -> Path:
     return resolve_preset("train", name_or_path)
 
 
-def load_train_config(name_or_path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a :class:`TrainConfig` from a YAML preset/path plus ``key=value`` overrides."""
+def load_train_config(name_or_path: str | Path | None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Load a :class:`TrainConfig` from a YAML preset/path plus ``key=value`` (or ``{key: value}``) overrides."""
     path = resolve_train_config(name_or_path) if name_or_path is not None else None
     return load_config(TrainConfig, path, overrides)
 
