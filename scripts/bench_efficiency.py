@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-MMAP = "65536"  # every buffer >= 64 KiB its own mmap: freed memory leaves the resident set (peak memory)
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP and __name__ == "__main__":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
 
-import torch  # noqa: E402
-
-from fusion_vlm.bench import BenchSetup, format_report, run_stage_bench  # noqa: E402
-from fusion_vlm.config import load_model_config  # noqa: E402
-from fusion_vlm.fusion import FusionModule  # noqa: E402
+from fusion_vlm.bench import BenchSetup, format_report, run_stage_bench
+from fusion_vlm.config import load_model_config
+from fusion_vlm.fusion import FusionModule
 
 
 def timed(fn, repeats: int) -> float:

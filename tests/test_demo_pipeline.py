@@ -61,11 +61,20 @@ def test_report_files_and_scores(demo_out):
     report = (demo_out / "report.md").read_text()
     timings = json.loads((demo_out / "timings.json").read_text())
     assert {"stage1 contrastive", "stage2 generation", "stage3 N-sweep fine-tunes", "evaluation"} <= set(timings)
-    assert "## Verdicts" in report and "- (a) Do the curves follow" in report and "- (c) Is the description" in report
+    assert "## Verdicts" in report and "- (a) Weak scaling P(N) = (a/N)^b" in report and "- (c) Is the description" in report
     assert "## Mode differences at N <= 4, every family" in report
     assert "| existence | Accuracy | rule: commonest |" in report
     assert "## Run" in report and "| torch |" in report
-    probe = json.loads((demo_out / "stage0/llm/context_probe.json").read_text())
+    probe = json.loads((demo_out / "stage0/context_probe.json").read_text())
+    standins = json.loads((demo_out / "stage0/standins.json").read_text())  # the shipped stand-ins, probed
+    assert standins["source"].startswith("shipped") and "## Stand-ins" in report
+    assert f"| vision: shape | {standins['probe']['vision']['shape']:.1f} |" in report
+    # the baselines: avgpool / random at every N, all_tokens once (in the report, not in the N-curve CSV)
+    for mode in ("avgpool", "random"):
+        for n in QUICK.n_values:
+            assert json.loads((demo_out / "eval" / f"{mode}_n{n}.json").read_text())["all"]["n"] > 0
+    assert "| existence | Accuracy | all_tokens |" in report and "all_tokens" not in {r["mode"] for r in rows}
+    assert {r["mode"] for r in rows} >= {"avgpool", "random", "elastic", *MODES}
     assert set(probe) == {"answer", "evidence", "scene", "soft", "none"} and "| context | attribute |" in report
     assert f"| evidence | {probe['evidence']['attribute']:.1f} |" in report
     assert "| family | metric | mode | " + " | ".join(f"N={n}" for n in QUICK.n_values) + " | one setting |" in report

@@ -28,9 +28,12 @@ from fusion_vlm.demo.results import (  # noqa: F401  (names callers of the repor
 # ---------------------------------------------------------------- tables
 def long_rows(results: dict) -> list[dict]:
     """{(mode, N): {family: result}} -> rows {metric, mode, n_queries, score}: the family's reported metric
-    (Accuracy@family, F1@description, Score@all)."""
+    (Accuracy@family, F1@description, Score@all). Modes without N (all_tokens) are left out: the rows are
+    points of N curves (the paper appendix's CSV, read by ``fusion-vlm fit``); the report shows those modes."""
     rows = []
     for (mode, n), fams in sorted(results.items(), key=lambda kv: (kv[0][0], n_key(kv[0][1]))):
+        if n is None:
+            continue
         for fam, v in fams.items():
             rows.append({"metric": metric_name(fam, v), "mode": mode, "n_queries": n, "score": round(value(v), 3)})
     return rows
@@ -233,9 +236,11 @@ def elastic_table(results: dict, n_values, n_boot: int = N_BOOT) -> list[str]:
 def item_records(results: dict) -> list[dict]:
     """Per-question records of every evaluation (mode, n_queries, dataset = family, index, score = the graded
     score behind the family's figure, group = test image), the format of :mod:`fusion_vlm.evaluation.items`,
-    for ``fusion-vlm fit --csv scores.csv``."""
+    for ``fusion-vlm fit --csv scores.csv``; like :func:`long_rows`, without modes that have no N."""
     out = []
     for (mode, n), fams in sorted(results.items(), key=lambda kv: (kv[0][0], n_key(kv[0][1]))):
+        if n is None:
+            continue
         for fam, v in fams.items():
             xs = items(v)
             if xs is None:
