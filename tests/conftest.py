@@ -53,3 +53,50 @@ def patch_forward(monkeypatch, on_call):
         return out
 
     monkeypatch.setattr(FusionVLM, "forward", forward)
+
+
+POPE_COLORS = ["red", "green", "blue", "yellow"]  # TinyPOPE: "Is the image <colour>?", Yes for green and yellow
+
+
+@pytest.fixture
+def tiny_pope(tmp_path, monkeypatch):
+    """LMUData with a 4-image yes/no TSV (one plain image per colour of POPE_COLORS) registered as the local
+    VLMEvalKit dataset TinyPOPE; network blocked (vlmeval tests only)."""
+    import base64
+    import io
+    import socket
+
+    import pandas as pd
+
+    from fusion_vlm.evaluation.registry import import_vlmeval
+
+    import_vlmeval()
+    from vlmeval.dataset.image_yorn import ImageYORNDataset
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("PRED_FORMAT", "tsv")
+    rows = []
+    for i, c in enumerate(POPE_COLORS):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), c).save(buf, format="PNG")
+        rows.append(dict(index=i, image=base64.b64encode(buf.getvalue()).decode(), question=f"Is the image {c}?",
+                         answer="Yes" if i % 2 else "No", category="random"))
+    lmu = tmp_path / "LMUData"
+    lmu.mkdir()
+    pd.DataFrame(rows).to_csv(lmu / "TinyPOPE.tsv", sep="\t", index=False)
+    monkeypatch.setitem(ImageYORNDataset.DATASET_URL, "TinyPOPE", "")  # local TSV, no download or checksum
+    return lmu
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A save_pretrained directory of the tiny preset with random weights (seed 0)."""
+    from fusion_vlm.model import FusionVLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    FusionVLM.from_config("tiny").save_pretrained(path)
+    return path

@@ -11,12 +11,9 @@ fitted here with numpy.
 
 from __future__ import annotations
 
-import base64
 import csv
 import importlib.metadata as md
-import io
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import POPE_COLORS
+
 pytest.importorskip("vlmeval")
-pd = pytest.importorskip("pandas")
+pytest.importorskip("pandas")  # the TinyPOPE fixture (conftest) writes its TSV with pandas
 
 pytestmark = pytest.mark.vlmeval
 
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "tests" / "data" / "paper_appendix_scores.csv"
 CONSOLE = Path(sys.executable).with_name("fusion-vlm")  # the venv's own console script
 EXTRAS = ("train", "eval", "dev")  # what scripts/install_eval.sh installs on top of the core dependencies
-COLORS = ["red", "green", "blue", "yellow"]  # TinyPOPE: "Is the image <colour>?", Yes for green and yellow
+COLORS = POPE_COLORS  # TinyPOPE (conftest): "Is the image <colour>?", Yes for green and yellow
 RIGHT_FOR = {2: {"red", "green"}, 4: {"red", "green", "blue"}, 8: set(COLORS)}  # N -> questions answered right
 
 
@@ -77,34 +76,6 @@ def test_console_script_fits_the_paper_scores(tmp_path):
     assert f"{float(fits[('Overall@POPE', 'vqq')]['b']):.4f}" == "-0.0503"  # paper Table 1
     assert f"{float(fits[('Overall@MMStar', 'vq_ft')]['b']):.4f}" == "-0.0235"
     assert {"vqq", "vq_ft", "vq"} <= {r["mode"] for r in _read_csv(out / "clusters.csv")}
-
-
-@pytest.fixture
-def tiny_pope(tmp_path, monkeypatch):
-    """LMUData with a 4-image yes/no TSV registered as the local dataset TinyPOPE; network blocked."""
-    from PIL import Image
-
-    from fusion_vlm.evaluation.registry import import_vlmeval
-
-    import_vlmeval()
-    from vlmeval.dataset.image_yorn import ImageYORNDataset
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setenv("PRED_FORMAT", "tsv")
-    rows = []
-    for i, c in enumerate(COLORS):
-        buf = io.BytesIO()
-        Image.new("RGB", (40, 30), c).save(buf, format="PNG")
-        rows.append(dict(index=i, image=base64.b64encode(buf.getvalue()).decode(), question=f"Is the image {c}?",
-                         answer="Yes" if i % 2 else "No", category="random"))
-    lmu = tmp_path / "LMUData"
-    lmu.mkdir()
-    pd.DataFrame(rows).to_csv(lmu / "TinyPOPE.tsv", sep="\t", index=False)
-    monkeypatch.setitem(ImageYORNDataset.DATASET_URL, "TinyPOPE", "")  # local TSV, no download or checksum
-    return lmu
 
 
 def test_sweep_then_fit_in_this_venv(tmp_path, tiny_pope, monkeypatch):

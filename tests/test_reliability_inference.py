@@ -92,16 +92,6 @@ def odd_files(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from fusion_vlm.model import FusionVLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    FusionVLM.from_config("tiny").save_pretrained(path)
-    return path
-
-
 def _training_pixels(model, path) -> torch.Tensor:
     """The views the training data path builds for ``path`` (SampleDataset -> FusionProcessor.build)."""
     from fusion_vlm.training.batches import SampleDataset

@@ -13,16 +13,6 @@ from fusion_vlm.cli import main
 from fusion_vlm.errors import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from fusion_vlm.model import FusionVLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    FusionVLM.from_config("tiny").save_pretrained(path)
-    return path
-
-
 def _copy(src, dst, skip=()):
     dst.mkdir(parents=True)
     for f in src.rglob("*"):

@@ -7,47 +7,19 @@ tests/test_sweeps_vlmeval_items.py``). A 4-image yes/no TSV is registered as a l
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
-import socket
 
 import pytest
 
+from conftest import POPE_COLORS
+
 pytest.importorskip("vlmeval")
-pd = pytest.importorskip("pandas")
+pytest.importorskip("pandas")  # the TinyPOPE fixture (conftest) writes its TSV with pandas
 
 pytestmark = pytest.mark.vlmeval
 
-COLORS = ["red", "green", "blue", "yellow"]  # Yes for green and yellow
+COLORS = POPE_COLORS  # TinyPOPE (conftest): "Is the image <colour>?", Yes for green and yellow
 RIGHT_FOR = {2: {"red", "green"}, 4: {"red", "green", "blue"}, 8: set(COLORS)}
-
-
-@pytest.fixture
-def tiny_pope(tmp_path, monkeypatch):
-    from PIL import Image
-
-    from fusion_vlm.evaluation.registry import import_vlmeval
-
-    import_vlmeval()
-    from vlmeval.dataset.image_yorn import ImageYORNDataset
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setenv("PRED_FORMAT", "tsv")
-    rows = []
-    for i, c in enumerate(COLORS):
-        buf = io.BytesIO()
-        Image.new("RGB", (40, 30), c).save(buf, format="PNG")
-        rows.append(dict(index=i, image=base64.b64encode(buf.getvalue()).decode(), question=f"Is the image {c}?",
-                         answer="Yes" if i % 2 else "No", category="random"))
-    lmu = tmp_path / "LMUData"
-    lmu.mkdir()
-    pd.DataFrame(rows).to_csv(lmu / "TinyPOPE.tsv", sep="\t", index=False)
-    monkeypatch.setitem(ImageYORNDataset.DATASET_URL, "TinyPOPE", "")
-    return lmu
 
 
 def test_elastic_sweep_archives_judged_items(tmp_path, tiny_pope, monkeypatch, capsys):
