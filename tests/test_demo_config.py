@@ -20,22 +20,23 @@ from fusion_vlm.schema import save_config
 # The recipe as fusion_vlm/demo/pipeline.py hard-coded it before it moved to configs/demo/ (the reference):
 # DemoSize(train_images, test_images, stage0, stage1_steps, stage2_steps, stage3_steps, stage3_fraction,
 # micro_batch, lr, n_values), MODEL_OVERRIDES, LR_SCALE and demo_world().
-OLD_SIZES = {"quick": (2000, 96, "quick", 400, 100, 20, 0.1, 8, 1e-3, (1, 4, 16)),
+SIZES = {"quick": (2000, 96, "quick", 300, 100, 20, 0.1, 8, 1e-3, (1, 4, 16)),
              "full": (2000, 144, "full", 500, 250, 30, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64))}
 OLD_OVERRIDES = ["views.max_local_views=4", "views.hd_rule=no_upsize", "fusion.hidden_size=96", "fusion.num_layers=3",
                  "fusion.num_heads=4", "fusion.num_kv_heads=4", "fusion.intermediate_size=192",
                  "loss.freeze_text_encoder=true", "loss.same_answer_positive=true"]
 OLD_LR_SCALE = {"contrastive": {}, "generation": {"vision": 0.01, "merge": 0.01, "fusion": 0.01, "projector": 3.0}}
-OLD_WORLD = WorldConfig(seed=0, max_aspect=2.0, colours=("red", "green", "blue"),
-                        shapes=("square", "circle", "triangle"),
-                        heldout=(("red", "triangle"),), test_min_heldout=0, n_shapes=(1, 3), n_glyphs=(1, 1),
-                        object_frac=(0.75, 0.95), max_local_views=4, questions=(8, 10))
+WORLD = WorldConfig(seed=0, max_aspect=2.0, colours=("red", "green", "blue", "yellow", "purple"),
+                    shapes=("square", "circle", "triangle", "cross"), heldout=(("red", "triangle"),),
+                    test_min_heldout=0, n_shapes=(4, 12), n_glyphs=(1, 3), object_frac=(0.75, 0.95),
+                    max_local_views=4, questions=(8, 10), grid=4, skew=1.0, hard_negatives=True,
+                    uniform_values=True, local_counts=True)  # both presets' world (that of the shipped stand-ins)
 
 
 @pytest.mark.parametrize("name", ["quick", "full"])
-def test_presets_equal_the_old_constants(name):
+def test_presets_equal_the_recipe(name):
     cfg = load_demo_config(name)
-    train, test, stage0, s1, s2, s3, frac, mb, lr, ns = OLD_SIZES[name]
+    train, test, stage0, s1, s2, s3, frac, mb, lr, ns = SIZES[name]
     assert (cfg.name, cfg.train_images, cfg.test_images, cfg.stage0) == (name, train, test, stage0)
     assert (cfg.stage1.steps, cfg.stage2.steps, cfg.stage3.steps) == (s1, s2, s3)
     assert (cfg.stage1.fraction, cfg.stage2.fraction, cfg.stage3.fraction) == (1.0, 1.0, frac)
@@ -44,9 +45,9 @@ def test_presets_equal_the_old_constants(name):
     assert cfg.stage1.lr_scale == OLD_LR_SCALE["contrastive"]
     assert cfg.stage2.lr_scale == cfg.stage3.lr_scale == OLD_LR_SCALE["generation"]
     assert (cfg.stage1.warmup_ratio, cfg.stage2.warmup_ratio, cfg.stage3.warmup_ratio) == (0.1, 0.03, 0.03)
-    assert cfg.world == OLD_WORLD and demo_world(0, name) == OLD_WORLD
-    assert demo_world(3, name) == WorldConfig(**{**asdict(OLD_WORLD), "seed": 3})
-    assert (cfg.eval.batch_images, cfg.eval.max_new_tokens) == (16, 48)  # evaluate()'s old defaults
+    assert cfg.world == WORLD and demo_world(0, name) == WORLD
+    assert demo_world(3, name) == WorldConfig(**{**asdict(WORLD), "seed": 3})
+    assert (cfg.eval.batch_images, cfg.eval.max_new_tokens, cfg.eval.short_new_tokens) == (16, 72, 8)
 
 
 @pytest.mark.parametrize("name", ["quick", "full"])

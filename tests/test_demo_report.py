@@ -10,7 +10,8 @@ import pytest
 from fusion_vlm.demo.evaluate import evaluate_to, items_path
 from fusion_vlm.demo.report import (combo, difference_table, fit_curves, long_rows, score_table, verdicts,
                                     write_report)
-from fusion_vlm.demo.world import QA, Example, family_scores
+from fusion_vlm.demo.scoring import family_scores
+from fusion_vlm.demo.world import QA, Example
 
 IMAGES = 40  # test images, 2 questions each per family
 
@@ -155,6 +156,38 @@ def test_per_item_predictions_match_the_summary(tmp_path):
     assert scores["all"]["value"] == pytest.approx(100 * np.mean([r["score"] for r in recs]))
     calls = _FakeModel.calls
     assert evaluate_to(path, _FakeModel, exs, 4, True) == scores and _FakeModel.calls == calls  # cached
+
+
+class _RecordingModel(_FakeModel):
+    """Answers each question with its own text and records (questions, max_new_tokens) per call."""
+
+    seen = []
+
+    def generate(self, images, questions, **kw):
+        _RecordingModel.seen.append((questions, kw["max_new_tokens"]))
+        return [[f"{q} -> {kw['max_new_tokens']}" for q in qs] for qs in questions]
+
+
+def test_descriptions_get_their_own_generate_call_with_the_long_budget():
+    from fusion_vlm.demo.evaluate import evaluate
+
+    exs = [Example("test-0", None, [QA("existence", "Is there a red circle?", "yes"),
+                                    QA("description", "Describe the image.", "x"),
+                                    QA("counting", "How many circles are there?", "2")]),
+           Example("test-1", None, [QA("attribute", "What shape is in the centre?", "circle")])]
+    preds = []
+    _RecordingModel.seen = []
+    evaluate(_RecordingModel(), exs, 4, True, batch_images=2, max_new_tokens=96, predictions=preds,
+             short_new_tokens=8)
+    assert _RecordingModel.seen == [
+        ([["Is there a red circle?", "How many circles are there?"], ["What shape is in the centre?"]], 8),
+        ([["Describe the image."]], 96)]
+    # every prediction comes back to its own question
+    assert all(r["prediction"] == f"{r['question']} -> {96 if r['family'] == 'description' else 8}" for r in preds)
+    assert sorted(r["question"] for r in preds) == sorted(qa.question for ex in exs for qa in ex.qas)
+    _RecordingModel.seen = []
+    evaluate(_RecordingModel(), exs, 4, True, batch_images=2, max_new_tokens=48)  # short budget: the same
+    assert [k for _, k in _RecordingModel.seen] == [48, 48]
 
 
 def test_write_report_sections(tmp_path):

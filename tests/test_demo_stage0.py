@@ -91,6 +91,40 @@ def test_local_view_captions_name_the_objects_drawn_in_each_view(examples):
     assert [t.shape[0] for t in texts].count(1) >= sum(n_local)
 
 
+def test_object_crops_show_the_named_object_at_their_centre():
+    """Each crop's centre pixel (un-normalised) has the named shape's colour, glyph crops are dark at the
+    glyph; crops come from the HD canvas at local-view scale; clip_inputs adds them with their names."""
+    from fusion_vlm.demo.config import load_demo_config
+
+    world = load_demo_config("quick").world
+    exs = make_examples("train", 6, world)
+    processor = ViewProcessor(view_size=112, max_local_views=world.max_local_views, hd_rule=world.hd_rule)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    n = 0
+    for i, ex in enumerate(exs):
+        pixels, plan = processor(ex.image)
+        crops = stage0.object_crops(ex, pixels, plan, 3, seed=i)
+        again = stage0.object_crops(ex, pixels, plan, 3, seed=i)
+        assert len(crops) == min(3, len(ex.objects)) and [c[1] for c in crops] == [c[1] for c in again]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(crops, again))
+        names = [o.name() for o in ex.objects]
+        for crop, name in crops:
+            assert crop.shape == (3, 112, 112) and name in names
+            obj = next(o for o in ex.objects if o.name() == name)
+            rgb = ((crop * std + mean) * 255).round().int()
+            if obj.kind == "shape":  # a shape of that colour, several patches large, lies in the crop
+                hits = [nearest_colour(tuple(rgb[:, y, x].tolist())) == obj.colour and rgb[:, y, x].min() < 200
+                        for y in range(0, 112, 4) for x in range(0, 112, 4)]
+                assert sum(hits) >= 20, (ex.id, name, sum(hits))
+            else:
+                assert (rgb.amax(0) < 90).sum() >= 20  # dark glyph strokes in the crop
+            n += 1
+    assert n >= 12
+    images, texts = stage0.clip_inputs(exs[:2], max_local_views=4, crops=2, seed=0)
+    plain, _ = stage0.clip_inputs(exs[:2], max_local_views=4)
+    assert images.shape[0] == plain.shape[0] + 4 and all(t.shape[0] == 1 for t in texts[-4:])
+
+
 def test_text_llm_loss_falls_and_tokenizer(outputs, examples):
     out, _, llm = outputs
     losses = llm["losses"]

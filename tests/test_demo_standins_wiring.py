@@ -59,12 +59,15 @@ def test_standins_config_value_is_checked():
 def test_report_section_lists_probes_against_targets(tmp_path):
     path = tmp_path / "standins.json"
     assert standins_section(path) == []
-    probe = {"targets": {"colour": 95.0, "shape": 95.0, "glyph": 90.0, "llm_scene": 95.0},
-             "vision": {"colour": 99.4, "shape": 71.1, "glyph": 13.5}, "vision_random": {"colour": 99.6},
+    probe = {"targets": {"colour": 95.0, "shape": 95.0, "shape_local": 95.0, "glyph": 90.0, "llm_scene": 95.0},
+             "vision": {"colour": 99.4, "shape": 71.1, "shape_local": 90.3, "glyph": 13.5},
+             "vision_random": {"colour": 99.6},
              "llm": {"scene": {"attribute": 76.6, "description": 0.0}}}
     path.write_text(json.dumps({"source": "shipped with the package", "probe": probe}))
     lines = standins_section(path)
     assert "Source: shipped with the package." in lines
-    assert "| vision: colour | 99.4 | 99.6 | >= 95.0 |" in lines
-    assert "| vision: shape | 71.1 | - | >= 95.0 |" in lines
+    assert "| vision: shape colour (global view) | 99.4 | 99.6 | >= 95.0 |" in lines
+    assert "| vision: shape kind (global view) | 71.1 | - | >= 95.0 |" in lines
+    assert "| vision: shape kind (local view) | 90.3 | - | >= 95.0 |" in lines
+    assert "| vision: glyph character (local view) | 13.5 | - | >= 90.0 |" in lines
     assert "| LLM from scene text: description | 0.0 | - | >= 95.0 |" in lines

@@ -53,10 +53,12 @@ def run(args) -> int:
 
 
 def _print(probe: dict) -> None:
+    from fusion_vlm.demo import standins
+
     v = probe["vision"]
-    print("vision probe (test %): " + "  ".join(f"{t} {v[t]:.1f}" for t in ("colour", "shape", "glyph")))
+    print("vision probe (test %): " + "  ".join(f"{t} {v[t]:.1f}" for t in standins.VISION_PROBES))
     if "vision_random" in probe:
         r = probe["vision_random"]
-        print("random-init tower:     " + "  ".join(f"{t} {r[t]:.1f}" for t in ("colour", "shape", "glyph")))
+        print("random-init tower:     " + "  ".join(f"{t} {r[t]:.1f}" for t in standins.VISION_PROBES))
     for kind, row in probe["llm"].items():
         print(f"LLM from {kind:<7} " + "  ".join(f"{f} {a:.1f}" for f, a in row.items()))

@@ -117,7 +117,7 @@ def evaluate_baseline(run: BaselineRun, final_dir: str | Path, examples, eval_di
 
     Each N's scores and per-item predictions are written to ``eval_dir/<mode>_n<N>.json`` (all_tokens:
     ``<mode>.json``) by :func:`fusion_vlm.demo.evaluate.evaluate_to` and read back when already there.
-    ``eval_kwargs``: batch_images, max_new_tokens.
+    ``eval_kwargs``: batch_images, max_new_tokens, short_new_tokens.
     """
     from fusion_vlm.demo.evaluate import evaluate_to
     from fusion_vlm.model import FusionVLM

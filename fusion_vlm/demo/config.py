@@ -33,7 +33,8 @@ class EvalSettings:
     """How the test split is asked and how the report's intervals are drawn."""
 
     batch_images: int = 16  # test images per generate() call (each with all its questions)
-    max_new_tokens: int = 48  # longest generated answer (descriptions are the long ones)
+    max_new_tokens: int = 48  # longest generated description
+    short_new_tokens: int = 8  # longest generated answer of every other family (one-word answers)
     n_boot: int = 2000  # bootstrap replicates of every 95 % interval of the report (over test images)
     small_n: int = 4  # "small N" of the question-fusion verdict: N <= this
 
@@ -88,14 +89,17 @@ class DemoConfig:
         require(set(w.families) <= set(FAMILIES), "world.families", w.families, f"must be among {FAMILIES}")
         require(1 <= w.n_shapes[0] <= w.n_shapes[1], "world.n_shapes", w.n_shapes, "must be 1 <= low <= high")
         require(0 <= w.n_glyphs[0] <= w.n_glyphs[1], "world.n_glyphs", w.n_glyphs, "must be 0 <= low <= high")
-        require(w.n_shapes[1] + w.n_glyphs[1] <= 9, "world.n_shapes/n_glyphs", (w.n_shapes, w.n_glyphs),
-                "at most 9 items fit the 3x3 layout")
+        require(3 <= w.grid <= 6, "world.grid", w.grid, "must be 3..6 cells per side")
+        require(w.n_shapes[1] + w.n_glyphs[1] <= w.grid ** 2, "world.n_shapes/n_glyphs", (w.n_shapes, w.n_glyphs),
+                f"at most {w.grid ** 2} items fit the {w.grid}x{w.grid} layout (world.grid)")
+        require(w.skew is None or w.skew > 0, "world.skew", w.skew, "must be > 0 or null")
         require(1 <= w.questions[0] <= w.questions[1], "world.questions", w.questions, "must be 1 <= low <= high")
         require(all(c in w.colours and s in w.shapes for c, s in w.heldout), "world.heldout", w.heldout,
                 "every held-out pair must use the world's colours and shapes")
         e = self.eval
         require(e.batch_images >= 1, "eval.batch_images", e.batch_images, "must be >= 1")
         require(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "must be >= 1")
+        require(e.short_new_tokens >= 1, "eval.short_new_tokens", e.short_new_tokens, "must be >= 1")
         require(e.n_boot >= 100, "eval.n_boot", e.n_boot, "must be >= 100")
         require(e.small_n >= 1, "eval.small_n", e.small_n, "must be >= 1")
         try:

@@ -60,14 +60,14 @@ class Timings:
         self.path.write_text(json.dumps(self.data, indent=2))
 
 
-def _context_probe(llm_dir: Path, examples, path: Path) -> dict:
+def _context_probe(llm_dir: Path, examples, path: Path, max_new_tokens: int) -> dict:
     """How well the frozen stand-in LLM answers the test questions from each kind of text context
-    ({kind: {family: accuracy %}}); cached in ``path``."""
+    ({kind: {family: accuracy %, descriptions item F1 %}}); cached in ``path``."""
     from fusion_vlm.demo.text_llm import context_accuracy
 
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(context_accuracy(llm_dir, examples), indent=2))
+        path.write_text(json.dumps(context_accuracy(llm_dir, examples, max_new_tokens=max_new_tokens), indent=2))
     return json.loads(path.read_text())
 
 
@@ -141,6 +141,7 @@ def run_demo(out_dir: str | Path = "demo_out", config: str | Path | DemoConfig =
     from fusion_vlm.demo.baselines import baseline_runs, evaluate_baseline, train_baseline
     from fusion_vlm.demo.evaluate import evaluate_to
     from fusion_vlm.demo.report import write_report
+    from fusion_vlm.demo.scoring import shortcut_rules
     from fusion_vlm.model import FusionVLM
 
     s, out = resolve(config, seed, overrides), Path(out_dir)
@@ -158,7 +159,8 @@ def run_demo(out_dir: str | Path = "demo_out", config: str | Path | DemoConfig =
             world.export_llava(test_ex, data_dir, "test.jsonl")
     with timings.stage("stage0 (CLIP + text-only LLM stand-ins)"):
         pre = _standins(s, train_ex, out / "stage0")
-        reading = _context_probe(pre["llm_dir"], test_ex[:16], out / "stage0" / "context_probe.json")
+        reading = _context_probe(pre["llm_dir"], test_ex[:16], out / "stage0" / "context_probe.json",
+                                 s.eval.max_new_tokens)
     model_yaml = out / "model.yaml"
     n_max = max(s.n_values)
     save_config(stage0.demo_model_config(pre["clip_path"], pre["llm_dir"], n_queries=n_max,
@@ -195,12 +197,14 @@ def run_demo(out_dir: str | Path = "demo_out", config: str | Path | DemoConfig =
                 return FusionVLM.from_pretrained(ckpt)
 
             results[(mode, n)] = evaluate_to(out / "eval" / f"{mode}_n{n}.json", load, test_ex, n, use_q,
-                                             s.eval.batch_images, s.eval.max_new_tokens, label=mode)
+                                             s.eval.batch_images, s.eval.max_new_tokens, label=mode,
+                                             short_new_tokens=s.eval.short_new_tokens)
         for run, ckpt in baselines:  # avgpool / random at every N, all_tokens once (N = None: it ignores N)
             for n, scores in evaluate_baseline(run, ckpt, test_ex, out / "eval", seed, batch_images=s.eval.batch_images,
-                                               max_new_tokens=s.eval.max_new_tokens).items():
+                                               max_new_tokens=s.eval.max_new_tokens,
+                                               short_new_tokens=s.eval.short_new_tokens).items():
                 results[(run.mode, n)] = scores
     with timings.stage("report"):
-        report = write_report(out, results, world.shortcut_rules(train_ex, test_ex), s, timings.data, reading)
+        report = write_report(out, results, shortcut_rules(train_ex, test_ex), s, timings.data, reading)
     print(f"\n[demo] report: {report}")
     return report

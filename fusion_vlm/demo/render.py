@@ -29,13 +29,6 @@ GLYPH_RGB = (25, 25, 25)
 REGIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
-def cell_box(region: str, width: int, height: int) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) of a named 3x3 layout cell in a ``width x height`` image."""
-    i = REGIONS.index(region)
-    row, col = divmod(i, 3)
-    return col * width / 3, row * height / 3, (col + 1) * width / 3, (row + 1) * height / 3
-
-
 def nearest_colour(rgb: tuple[int, int, int]) -> str:
     """Name of the palette colour closest (squared RGB distance) to ``rgb``."""
     return min(PALETTE, key=lambda n: sum((a - b) ** 2 for a, b in zip(PALETTE[n], rgb)))

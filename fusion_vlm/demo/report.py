@@ -4,7 +4,7 @@ Every figure of the report comes with a 95 % bootstrap interval over test images
 image counts; :func:`fusion_vlm.analysis.intervals.resample_means`), and the verdicts are decided from those
 intervals by rules stated in the report itself; nothing here is tuned to make a verdict appear. Modes are
 handled generically: a mode run at several N is a curve, a mode run at one N is one cell, and the shortcut
-rules (:func:`fusion_vlm.demo.world.shortcut_rules`) are rows beside the models.
+rules (:func:`fusion_vlm.demo.scoring.shortcut_rules`) are rows beside the models.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def write_report(out: Path, results: dict, rules: dict, cfg, timings: dict, cont
     report.md into ``out``; returns report.md's path.
 
     ``results``: {(mode, N): evaluation JSON}; ``rules``: {rule: the same layout}
-    (:func:`fusion_vlm.demo.world.shortcut_rules`); ``cfg``: the run's DemoConfig (any object with
+    (:func:`fusion_vlm.demo.scoring.shortcut_rules`); ``cfg``: the run's DemoConfig (any object with
     train_images, test_images; seed, eval.n_boot and eval.small_n when present); ``context_probe``:
     {context kind: {family: accuracy %}} of the frozen stage-0 LLM on text contexts.
     """
@@ -347,7 +347,7 @@ def write_report(out: Path, results: dict, rules: dict, cfg, timings: dict, cont
 
 
 def _rule_text(rules: dict) -> dict[str, str]:
-    from fusion_vlm.demo.world import SHORTCUTS
+    from fusion_vlm.demo.scoring import SHORTCUTS
 
     return {r: SHORTCUTS.get(r, "a shortcut rule") for r in rules}
 

@@ -65,6 +65,8 @@ def run_section(out: Path, cfg, ns, timings: dict) -> list[str]:
 def standins_section(path: Path) -> list[str]:
     """Markdown lines on the stand-in CLIP and LLM (where they came from, their probe figures against the
     targets) from ``stage0/standins.json``; none when the file is absent."""
+    from fusion_vlm.demo.standins import VISION_PROBES
+
     if not path.is_file():
         return []
     info = json.loads(path.read_text())
@@ -77,10 +79,10 @@ def standins_section(path: Path) -> list[str]:
     lines += ["", "Linear probes on the frozen vision tower's tokens (test %, beside a random-initialised tower) "
               "and the text-only LLM answering from a scene-text context:", "",
               "| probe | stand-in | random tower | target |", "|---|---|---|---|"]
-    for key in ("colour", "shape", "glyph"):
+    for key, name in VISION_PROBES.items():
         if key in probe.get("vision", {}):
             r = f"{rand[key]:.1f}" if key in rand else "-"
-            lines.append(f"| vision: {key} | {probe['vision'][key]:.1f} | {r} | >= {targets.get(key, '-')} |")
+            lines.append(f"| vision: {name} | {probe['vision'][key]:.1f} | {r} | >= {targets.get(key, '-')} |")
     for fam, acc in probe.get("llm", {}).get("scene", {}).items():
         lines.append(f"| LLM from scene text: {fam} | {acc:.1f} | - | >= {targets.get('llm_scene', '-')} |")
     return lines

@@ -32,13 +32,13 @@ from fusion_vlm.vision import build_clip
 from fusion_vlm.views import ViewPlan, ViewProcessor
 
 # step counts / batch sizes of the two demo sizes (see run_stage0)
-PRESETS = {
-    "quick": {"clip_steps": 150, "clip_batch": 64, "llm_steps": 300, "llm_batch": 64},
-    "full": {"clip_steps": 300, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},  # llm_batch: questions
+PRESETS = {  # clip_crops: object crops per image among the CLIP's pairs (stage0.object_crops)
+    "quick": {"clip_steps": 150, "clip_batch": 64, "clip_crops": 4, "llm_steps": 300, "llm_batch": 64},
+    "full": {"clip_steps": 300, "clip_batch": 64, "clip_crops": 4, "llm_steps": 600, "llm_batch": 64},
     # the stand-ins shipped with the package (fusion_vlm.demo.standins, `fusion-vlm standins make`): sized to
-    # ~25 minutes on a shared 2-core CPU; "long" is the same recipe for a machine with an hour or more
-    "ship": {"clip_steps": 500, "clip_batch": 64, "llm_steps": 600, "llm_batch": 64},
-    "long": {"clip_steps": 3000, "clip_batch": 64, "llm_steps": 5000, "llm_batch": 64},
+    # ~30 minutes on a 2-core CPU; "long" is the same recipe for a machine with a few hours
+    "ship": {"clip_steps": 3000, "clip_batch": 64, "clip_crops": 4, "llm_steps": 2500, "llm_batch": 64},
+    "long": {"clip_steps": 10000, "clip_batch": 64, "clip_crops": 4, "llm_steps": 10000, "llm_batch": 64},
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
@@ -75,19 +75,41 @@ def local_view_captions(example: Example, plan: ViewPlan) -> list[str | None]:
     return [", ".join(names) or None for names in cells]
 
 
+def object_crops(example: Example, pixels: torch.Tensor, plan: ViewPlan, k: int, seed: int) -> list:
+    """Up to ``k`` (crop float [3, S, S], name) pairs: view-sized crops of the HD local views' canvas
+    (``pixels`` [V, 3, S, S] of ``plan``) centred on seeded objects of ``example``, each captioned with the
+    object's name ("red circle", "letter k"); the crops' neighbours differ, the caption names one object."""
+    if plan.n_local < 2 or k <= 0:
+        return []
+    s = plan.view_size
+    canvas = pixels[1:].reshape(plan.rows, plan.cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(
+        3, plan.rows * s, plan.cols * s)
+    sx, sy = plan.resized[0] / example.image.width, plan.resized[1] / example.image.height
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in torch.randperm(len(example.objects), generator=g)[:k].tolist():
+        obj = example.objects[i]
+        cx, cy = obj.centre[0] * sx + plan.offset[0], obj.centre[1] * sy + plan.offset[1]
+        x0 = int(min(max(cx - s / 2, 0), canvas.shape[2] - s))
+        y0 = int(min(max(cy - s / 2, 0), canvas.shape[1] - s))
+        out.append((canvas[:, y0:y0 + s, x0:x0 + s].clone(), obj.name()))
+    return out
+
+
 def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64, max_local_views: int = 1,
-                hd_rule: str = "no_upsize"):
+                hd_rule: str = "no_upsize", crops: int = 0, seed: int = 0):
     """CLIP training pairs: (images float [n, 3, S, S], texts: one long [k_i, C] per image).
 
     Each example gives its global view with the tokens of its :func:`captions`; with ``max_local_views``
     > 1 also each of its HD local views that holds an object, captioned by :func:`local_view_captions`
-    (k_i = 1). In a local view a shape spans several patches, where in the global view of a wide image
-    it is about one: the stand-in then sees shapes, as a CLIP pretrained at many scales does.
+    (k_i = 1), and up to ``crops`` :func:`object_crops` captioned with one object's name. In a local view
+    a shape spans several patches, where in the global view of a wide image it is about one: the
+    stand-in then sees shapes, as a CLIP pretrained at many scales does.
     """
     views = ViewProcessor(view_size=view_size, max_local_views=max_local_views, hd_rule=hd_rule)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     images, texts = [], []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         pixels, plan = views(ex.image)
         images.append(pixels[0])
         texts.append(tokenizer(captions(ex)))
@@ -96,12 +118,15 @@ def clip_inputs(examples: list[Example], view_size: int = 112, context_length: i
                 if caption is not None:
                     images.append(view)
                     texts.append(tokenizer([caption]))
+        for crop, name in object_crops(ex, pixels, plan, crops, seed + i):
+            images.append(crop)
+            texts.append(tokenizer([name]))
     return torch.stack(images), texts
 
 
 def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, batch_size: int = 64,
                lr: float = 1e-3, seed: int = 0, description_prob: float = 0.5, max_local_views: int = 1,
-               hd_rule: str = "no_upsize", progress: bool = True) -> dict:
+               hd_rule: str = "no_upsize", crops: int = 0, progress: bool = True) -> dict:
     """Train the tiny CLIP on (view, caption) pairs of :func:`clip_inputs`; save its state dict to ``out_path``.
 
     A caption is the image's description with probability ``description_prob``, else one of its
@@ -121,7 +146,7 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     torch.manual_seed(seed)
     model = build_clip(cfg.vision, cfg.views.view_size)
     images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, max_local_views,
-                                hd_rule)
+                                hd_rule, crops, seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr,
@@ -187,7 +212,7 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
     world = world or WorldConfig(seed=seed)
     clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
-                      max_local_views=world.max_local_views, hd_rule=world.hd_rule,
+                      max_local_views=world.max_local_views, hd_rule=world.hd_rule, crops=p.get("clip_crops", 0),
                       progress=progress)
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
                          context_mix=CONTEXT_MIX, world=world, progress=progress)

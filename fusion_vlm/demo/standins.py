@@ -38,7 +38,10 @@ N_TRAIN = 2000  # train-split images the CLIP trains on (the demo's train split)
 N_TEST = 400  # test-split images the vision probes are scored on
 N_LLM_TEST = 48  # test-split images whose questions the LLM probe asks
 LLM_KINDS = ("scene", "answer")  # contexts the LLM probe reads (text_llm.CONTEXTS)
-TARGETS = {"colour": 95.0, "shape": 95.0, "glyph": 90.0, "llm_scene": 95.0}  # levels the stand-ins aim at
+TARGETS = {"colour": 95.0, "shape": 95.0, "shape_local": 95.0, "glyph": 90.0,
+           "llm_scene": 95.0}  # levels the stand-ins aim at
+VISION_PROBES = {"colour": "shape colour (global view)", "shape": "shape kind (global view)",
+                 "shape_local": "shape kind (local view)", "glyph": "glyph character (local view)"}
 
 
 def shipped_world(seed: int = 0):
@@ -122,10 +125,11 @@ def _block(tokens: torch.Tensor, u: float, v: float, patch: int) -> torch.Tensor
 def vision_features(tower, examples, views) -> dict[str, tuple[list[torch.Tensor], list[str]]]:
     """Probe features of ``examples`` from the frozen ``tower`` (a :class:`~fusion_vlm.vision.VisionTower`,
     [V, 3, S, S] -> [V, g, g, W]) on the views of ``views`` (a ViewProcessor): for each shape, the
-    :func:`_block` of global-view tokens at its centre with its colour and its shape; for each glyph, the
-    block of tokens of the local view holding its centre with its character. Returns {"colour" | "shape" |
-    "glyph": (features, each float [9 W]; labels)}."""
-    out = {"colour": ([], []), "shape": ([], []), "glyph": ([], [])}
+    :func:`_block` of global-view tokens at its centre with its colour and its shape, and the block of the
+    local view holding its centre with its shape (``shape_local``); for each glyph, the block of the local
+    view holding its centre with its character. Returns {"colour" | "shape" | "shape_local" | "glyph":
+    (features, each float [9 W]; labels)}."""
+    out = {"colour": ([], []), "shape": ([], []), "shape_local": ([], []), "glyph": ([], [])}
     for ex in examples:
         pixels, plan = views(ex.image)
         tokens = tower(pixels)  # [V, g, g, W]
@@ -136,24 +140,27 @@ def vision_features(tower, examples, views) -> dict[str, tuple[list[torch.Tensor
         ox, oy = plan.offset
         for obj in ex.objects:
             x, y = obj.centre[0] * sx, obj.centre[1] * sy
+            col, row = min(int((x + ox) // s), plan.cols - 1), min(int((y + oy) // s), plan.rows - 1)
+            view = 1 + row * plan.cols + col if plan.n_local > 1 else 0
+            u, v = (x + ox - col * s, y + oy - row * s) if view else ((x + gx) / c, (y + gy) / c)
+            local = _block(tokens[view], u, v, patch)  # the block in the local view holding the centre
             if obj.kind == "shape":
                 feat = _block(tokens[0], (x + gx) / c, (y + gy) / c, patch)
-                for task, label in (("colour", obj.colour), ("shape", obj.shape)):
-                    out[task][0].append(feat)
+                for task, f, label in (("colour", feat, obj.colour), ("shape", feat, obj.shape),
+                                       ("shape_local", local, obj.shape)):
+                    out[task][0].append(f)
                     out[task][1].append(label)
             else:
-                col, row = min(int((x + ox) // s), plan.cols - 1), min(int((y + oy) // s), plan.rows - 1)
-                view = 1 + row * plan.cols + col if plan.n_local > 1 else 0
-                u, v = (x + ox - col * s, y + oy - row * s) if view else ((x + gx) / c, (y + gy) / c)
-                out["glyph"][0].append(_block(tokens[view], u, v, patch))
+                out["glyph"][0].append(local)
                 out["glyph"][1].append(obj.char)
     return out
 
 
 def vision_probe(clip_path: str | Path | None, train, test, world) -> dict[str, float]:
-    """Linear-probe test accuracy (%) {"colour", "shape", "glyph"} of the frozen vision tower of the CLIP in
-    ``clip_path`` (None: a random-initialised one, seed 0), loaded as the model loads it
-    (``vision.pretrained``), on the views of ``world``; fitted on ``train``, scored on ``test`` examples."""
+    """Linear-probe test accuracy (%) {"colour", "shape", "shape_local", "glyph"} (:data:`VISION_PROBES`) of
+    the frozen vision tower of the CLIP in ``clip_path`` (None: a random-initialised one, seed 0), loaded as
+    the model loads it (``vision.pretrained``), on the views of ``world``; fitted on ``train``, scored on
+    ``test`` examples."""
     from fusion_vlm.demo.stage0 import clip_config
     from fusion_vlm.views import ViewProcessor
     from fusion_vlm.vision import VisionTower, build_clip
@@ -166,7 +173,7 @@ def vision_probe(clip_path: str | Path | None, train, test, world) -> dict[str, 
     views = ViewProcessor(view_size=cfg.views.view_size, max_local_views=world.max_local_views, hd_rule=world.hd_rule)
     ftr, fte = vision_features(tower, train, views), vision_features(tower, test, views)
     result = {}
-    for task in ("colour", "shape", "glyph"):
+    for task in ftr:
         classes = sorted(set(ftr[task][1]) | set(fte[task][1]))
         ytr = torch.tensor([classes.index(c) for c in ftr[task][1]])
         yte = torch.tensor([classes.index(c) for c in fte[task][1]])
@@ -205,7 +212,7 @@ def probe_standins(standin_dir: str | Path | None = None, world=None, seed: int 
            "vision": vision_probe(clip, train, test[:n_test], world)}
     if baseline:
         out["vision_random"] = vision_probe(None, train, test[:n_test], world)
-    out["llm"] = context_accuracy(llm, test[:n_llm_test], kinds=LLM_KINDS, max_new_tokens=48)
+    out["llm"] = context_accuracy(llm, test[:n_llm_test], kinds=LLM_KINDS, max_new_tokens=96)
     return out
 
 
@@ -277,7 +284,7 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
         raise ValueError(f"preset={preset!r}: expected one of {sorted(stage0.PRESETS)}")
     start = time.time()
     deterministic(threads)
-    out, world = Path(out_dir), world or demo_world(seed)
+    out, world = Path(out_dir), world or shipped_world(seed)
     work = out / ".work"
     examples = make_examples("train", N_TRAIN, world)
     trained = stage0.run_stage0(examples, work, preset, seed=seed, world=world, progress=progress)
@@ -327,7 +334,9 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         f"{p['clip_steps']} steps of {p['clip_batch']} (view, caption) pairs from the first {N_TRAIN} train images "
         f"(world seed {world.seed}):",
         "global views captioned with the description or an answered question, HD local views with the names",
-        f"of the objects in them (`fusion_vlm.demo.stage0.train_clip`, seed {seed}). Mean loss of the last 100 "
+        f"of the objects in them, and {p.get('clip_crops', 0)} view-sized crops per image centred on one object, "
+        "captioned with its name",
+        f"(`fusion_vlm.demo.stage0.train_clip`, seed {seed}). Mean loss of the last 100 "
         f"steps {mean_tail(losses['clip']):.3f}.",
         "Stored in float16 (loading upcasts into the float32 model); the token rows of BPE tokens that never",
         "occur in the captions are 0 (they had received no gradient). Loads with `open_clip.load_checkpoint`,",
@@ -348,13 +357,12 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         "(red triangles appear in test only).", "",
         "| probe | target | stand-in | random-init tower | test items |", "|---|---|---|---|---|",
     ]
-    names = {"colour": "shape colour (global view)", "shape": "shape kind (global view)",
-             "glyph": "glyph character (local view)"}
-    for task in ("colour", "shape", "glyph"):
-        lines.append(f"| {names[task]} | >= {TARGETS[task]:.0f} | {_fmt(v[task])} | "
+    for task, name in VISION_PROBES.items():
+        lines.append(f"| {name} | >= {TARGETS[task]:.0f} | {_fmt(v[task])} | "
                      f"{_fmt(r[task]) if r else '-'} | {v[f'{task}_n_test']} |")
     fams = list(next(iter(probe["llm"].values())))
-    lines += ["", f"The LLM's greedy accuracy (%) on the questions of {probe['n_llm_test_images']} test images, each "
+    lines += ["", f"The LLM's greedy accuracy (%; item F1 for descriptions) on the questions of "
+              f"{probe['n_llm_test_images']} test images, each "
               f"opened by a text context (target: >= {TARGETS['llm_scene']:.0f} in every family from the scene):", "",
               "| context | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
     for kind, row in probe["llm"].items():

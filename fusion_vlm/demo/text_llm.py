@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from fusion_vlm.demo.loop import optimise
-from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, phrases, score
+from fusion_vlm.demo.scoring import GRADED, description_f1, score
+from fusion_vlm.demo.world import FAMILIES, QA, Example, WorldConfig, make_text_example, phrases
 from fusion_vlm.language import LLAMA2_CHAT_TEMPLATE, build_prompt
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -231,7 +232,8 @@ def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXT
                      max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
     """Greedy accuracy (%) per context kind and family, {kind: {family: %}}, of the text LLM in ``llm_dir``
     when each question (asked alone) is opened by its context of that kind (``soft``: at ``n_soft``
-    positions): how well the frozen stand-in reads what stands before a question."""
+    positions): how well the frozen stand-in reads what stands before a question. Descriptions are
+    scored by item F1 (%), as in the demo's report."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
@@ -249,7 +251,8 @@ def context_accuracy(llm_dir: str | Path, examples: list[Example], kinds=CONTEXT
                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id)
                 pred = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-                right[qa.family].append(score(pred, qa.answer, qa.family))
+                right[qa.family].append(description_f1(pred, qa.answer) if qa.family in GRADED
+                                        else float(score(pred, qa.answer, qa.family)))
         out[kind] = {f: 100.0 * sum(v) / len(v)
                      for f, v in sorted(right.items(), key=lambda kv: FAMILIES.index(kv[0]))}
     return out

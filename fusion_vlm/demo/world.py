@@ -2,15 +2,20 @@
 
 Images (``WorldConfig.min_side``..``max_side`` px, aspect 1:3..3:1) hold 2-5
 coloured shapes and 1-2 dark letters/digits, at most one item per cell of a
-3x3 layout (``REGIONS``). Glyph capitals are ``glyph_local_px`` pixels tall
-in the image's HD *local* views (see :func:`fusion_vlm.views.plan_views`), so
+``grid`` x ``grid`` layout (default 3); an item's region is the 3x3 name
+(``REGIONS``) of its cell's centre, so with ``grid`` > 3 a region can hold
+several items and a question names an object by its region plus, where the
+region holds more than one, its kind or colour. Glyph capitals are
+``glyph_local_px`` pixels tall in the image's HD *local* views (see :func:`fusion_vlm.views.plan_views`), so
 only ~1/c of that (c >= 3 local views across) in the global view: reading
 needs the local views. Question families (canonical short answers):
 
 * ``attribute``   "What colour is the shape in the top left?" -> "red";
-                  "What shape is in the bottom right?" -> "circle"
+                  "What shape is in the bottom right?" -> "circle";
+                  "What colour is the circle on the left?", "What shape is the red shape on the left?"
 * ``existence``   "Is there a blue triangle?" -> "yes"/"no" (balanced: see :func:`_questions`)
-* ``counting``    "How many circles are there?" / "How many red shapes are there?" -> "2" (digits)
+* ``counting``    "How many circles are there?" / "How many red shapes are there?" -> "2" (digits);
+                  with ``local_counts`` also "How many shapes are in the centre?"
 * ``reading``     "What letter is written in the top right?" -> "k" (lower case; digits likewise)
 * ``description`` "Describe the image." -> "red square top left, letter k top right, blue circle centre"
                   (every item in reading order; glyphs as "letter k" / "digit 7")
@@ -25,8 +30,6 @@ about in ``train`` questions; every ``test`` image holds at least
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +75,15 @@ class WorldConfig:
     max_local_views: int = 9
     hd_rule: str = "no_upsize"  # view rule the glyphs are sized for (the demo's images are drawn at view scale)
     glyph_local_px: float = 16.0  # glyph capital height in local-view pixels
+    grid: int = 3  # layout cells per side (3..6), at most one item per cell; an item's region is the 3x3 name
+    #                of its cell's centre, so with grid > 3 a region can hold several items
+    skew: float | None = None  # Dirichlet concentration of each image's colour and shape weights (small: a few
+    #                            colours/shapes dominate, counts spread out); None: uniform draws
+    hard_negatives: bool = False  # existence "no" asks a pair whose colour and shape both occur (not together)
+    #                               when the image has one, so "yes iff both occur" is no shortcut
+    uniform_values: bool = False  # attribute questions draw the asked colour/shape uniformly among the image's
+    #                               values first, so the image's commonest value is no shortcut
+    local_counts: bool = False  # counting also asks "How many shapes are <region>?" (counting + localisation)
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class WorldObject:
     shape: str | None = None
     colour: str | None = None
     char: str | None = None  # lower case
+    cell: int = 0  # layout cell, row-major in the WorldConfig.grid x grid layout (orders items within a region)
 
     @property
     def centre(self) -> tuple[int, int]:
@@ -126,9 +139,14 @@ class Example:
         return describe(self.objects)
 
 
+def reading_order(objects: list[WorldObject]) -> list[WorldObject]:
+    """``objects`` sorted by region (REGIONS order), then by layout cell."""
+    return sorted(objects, key=lambda o: (REGIONS.index(o.region), o.cell))
+
+
 def phrases(objects: list[WorldObject]) -> list[str]:
-    """The objects' phrases in reading (region) order."""
-    return [o.phrase() for o in sorted(objects, key=lambda o: REGIONS.index(o.region))]
+    """The objects' phrases in reading (region, then cell) order."""
+    return [o.phrase() for o in reading_order(objects)]
 
 
 def describe(objects: list[WorldObject]) -> str:
@@ -141,12 +159,35 @@ def _pairs(cfg: WorldConfig, split: str) -> list[tuple[str, str]]:
     return [p for p in pairs if p not in cfg.heldout] if split == "train" else pairs
 
 
+def cell_region(cell: int, grid: int) -> str:
+    """The 3x3 region name (REGIONS) holding the centre of layout cell ``cell`` (row-major) of a grid x grid
+    layout; for grid 3 cell i is REGIONS[i]."""
+    row, col = divmod(cell, grid)
+    return REGIONS[3 * min(int(3 * (row + 0.5) / grid), 2) + min(int(3 * (col + 0.5) / grid), 2)]
+
+
+def _cell_box(cell: int, grid: int, w: int, h: int) -> tuple[float, float, float, float]:
+    row, col = divmod(cell, grid)
+    return col * w / grid, row * h / grid, (col + 1) * w / grid, (row + 1) * h / grid
+
+
+def _draw_pairs(rng, cfg: WorldConfig, pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """n colour-shape pairs: uniform over ``pairs``, or (``cfg.skew``) weighted by per-image Dirichlet
+    weights of the colours times those of the shapes."""
+    if cfg.skew is None:
+        return [pairs[i] for i in rng.integers(0, len(pairs), n)]
+    wc = dict(zip(cfg.colours, rng.dirichlet([cfg.skew] * len(cfg.colours))))
+    ws = dict(zip(cfg.shapes, rng.dirichlet([cfg.skew] * len(cfg.shapes))))
+    p = np.array([wc[c] * ws[s] for c, s in pairs]) + 1e-12
+    return [pairs[i] for i in rng.choice(len(pairs), n, p=p / p.sum())]
+
+
 def _sample_scene(rng: np.random.Generator, cfg: WorldConfig, split: str, w: int, h: int) -> list[WorldObject]:
     n_shapes = int(rng.integers(cfg.n_shapes[0], cfg.n_shapes[1] + 1))
     n_glyphs = int(rng.integers(cfg.n_glyphs[0], cfg.n_glyphs[1] + 1))
-    regions = [REGIONS[i] for i in rng.permutation(len(REGIONS))[: n_shapes + n_glyphs]]
+    cells = [int(i) for i in rng.permutation(cfg.grid * cfg.grid)[: n_shapes + n_glyphs]]
     pairs = _pairs(cfg, split)
-    chosen = [pairs[i] for i in rng.integers(0, len(pairs), n_shapes)]
+    chosen = _draw_pairs(rng, cfg, pairs, n_shapes)
     held = [p for p in cfg.heldout if p[0] in cfg.colours and p[1] in cfg.shapes]
     if split == "test" and held:
         for k in range(min(cfg.test_min_heldout, n_shapes)):
@@ -155,23 +196,42 @@ def _sample_scene(rng: np.random.Generator, cfg: WorldConfig, split: str, w: int
     cap = render.glyph_cap_height(w, h, cfg.glyph_local_px, cfg.view_size, cfg.max_local_views,
                                    cfg.hd_rule)
     objects = []
-    for i, region in enumerate(regions):
-        x0, y0, x1, y1 = render.cell_box(region, w, h)
+    for i, cell in enumerate(cells):
+        region = cell_region(cell, cfg.grid)
+        x0, y0, x1, y1 = _cell_box(cell, cfg.grid, w, h)
         if i < n_shapes:
             side = rng.uniform(*cfg.object_frac) * min(x1 - x0, y1 - y0)
             bx = x0 + 1 + rng.uniform(0, max(0.0, x1 - x0 - side - 2))
             by = y0 + 1 + rng.uniform(0, max(0.0, y1 - y0 - side - 2))
             colour, shape = chosen[i]
             box = (round(bx), round(by), round(bx + side), round(by + side))
-            objects.append(WorldObject(region, "shape", box, shape=shape, colour=colour))
+            objects.append(WorldObject(region, "shape", box, shape=shape, colour=colour, cell=cell))
         else:
             digit = rng.random() < 0.3
             char = str(rng.choice(list(DIGITS if digit else LETTERS))).lower()
             centre = (round((x0 + x1) / 2 + rng.uniform(-0.15, 0.15) * (x1 - x0)),
                       round((y0 + y1) / 2 + rng.uniform(-0.15, 0.15) * (y1 - y0)))
             box = render.glyph_box(char, centre, cap)
-            objects.append(WorldObject(region, "digit" if digit else "letter", box, char=char))
+            objects.append(WorldObject(region, "digit" if digit else "letter", box, char=char, cell=cell))
     return objects
+
+
+def _attribute_question(o: WorldObject, shapes: list[WorldObject], colour_q: bool) -> str | None:
+    """A question about shape ``o``'s colour (``colour_q``) or kind that names it unambiguously among
+    ``shapes``: by its region when it is the region's only shape, else by its kind (colour questions) or its
+    colour (shape questions) when that is unique in the region and the image's shapes of that kind (colour)
+    do not all share the answer (so the region is needed); None when neither is."""
+    here = [s for s in shapes if s.region == o.region]
+    where = WHERE[o.region]
+    if len(here) == 1:
+        return f"What colour is the shape {where}?" if colour_q else f"What shape is {where}?"
+    if colour_q and sum(s.shape == o.shape for s in here) == 1 \
+            and len({s.colour for s in shapes if s.shape == o.shape}) > 1:
+        return f"What colour is the {o.shape} {where}?"
+    if not colour_q and sum(s.colour == o.colour for s in here) == 1 \
+            and len({s.shape for s in shapes if s.colour == o.colour}) > 1:
+        return f"What shape is the {o.colour} shape {where}?"
+    return None
 
 
 def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObject], yes: bool,
@@ -184,10 +244,22 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
         return tuple(o.phrase() for o in shapes if keep(o))
 
     if family == "attribute":
-        o = shapes[int(rng.integers(len(shapes)))]
-        if rng.random() < 0.5:
-            return QA(family, f"What colour is the shape {WHERE[o.region]}?", o.colour, (o.phrase(),))
-        return QA(family, f"What shape is {WHERE[o.region]}?", o.shape, (o.phrase(),))
+        if cfg.grid == 3 and not cfg.uniform_values:  # one shape per region: any shape, then colour or shape
+            o = shapes[int(rng.integers(len(shapes)))]
+            colour_q = rng.random() < 0.5
+        else:
+            colour_q = rng.random() < 0.5
+            value = (lambda o: o.colour) if colour_q else (lambda o: o.shape)
+            pool = [o for o in shapes if _attribute_question(o, shapes, colour_q)]
+            if not pool:
+                return None
+            if cfg.uniform_values:  # the asked value uniform among the image's (referable) values
+                values = sorted({value(o) for o in pool})
+                v = values[int(rng.integers(len(values)))]
+                pool = [o for o in pool if value(o) == v]
+            o = pool[int(rng.integers(len(pool)))]
+        return QA(family, _attribute_question(o, shapes, colour_q), o.colour if colour_q else o.shape,
+                  (o.phrase(),))
     if family == "existence":
         def question(pair: tuple[str, str]) -> str:
             return f"Is there a {pair[0]} {pair[1]}?"
@@ -197,12 +269,19 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
         if not yes and sum(question(p) in asked for p in absent) >= len(present):
             return None  # as many "no" as there can be "yes" in this image
         pool = [p for p in (present if yes else absent) if question(p) not in asked]
+        if not yes and cfg.hard_negatives:  # colour and shape each occur, not together: needs binding
+            hard = [p for p in pool if any(o.colour == p[0] for o in shapes) and any(o.shape == p[1] for o in shapes)]
+            pool = hard or pool
         if not pool:
             return None
         colour, shape = pool[int(rng.integers(len(pool)))]
         return QA(family, question((colour, shape)), "yes" if yes else "no",
                   about(lambda o: o.colour == colour or o.shape == shape))
     if family == "counting":
+        if cfg.local_counts and rng.random() < 1 / 3:
+            region = REGIONS[int(rng.integers(len(REGIONS)))]
+            return QA(family, f"How many shapes are {WHERE[region]}?", str(sum(o.region == region for o in shapes)),
+                      about(lambda o: o.region == region))
         if rng.random() < 0.5:
             shape = shapes[int(rng.integers(len(shapes)))].shape if rng.random() < 0.7 else \
                 cfg.shapes[int(rng.integers(len(cfg.shapes)))]
@@ -214,6 +293,9 @@ def _ask(rng, cfg: WorldConfig, split: str, family: str, objects: list[WorldObje
                   about(lambda o: o.colour == colour))
     if family == "reading":
         glyphs = [o for o in objects if o.kind != "shape"]
+        glyphs = [o for o in glyphs if sum(g.kind == o.kind and g.region == o.region for g in glyphs) == 1]
+        if not glyphs:
+            return None
         o = glyphs[int(rng.integers(len(glyphs)))]
         return QA(family, f"What {o.kind} is written {WHERE[o.region]}?", o.char, (o.phrase(),))
     if family == "description":
@@ -296,152 +378,3 @@ def export_llava(examples: list[Example], out_dir: str | Path, filename: str = "
             f.write(json.dumps({"id": ex.id, "image": rel, "conversations": conv,
                                 "family": [qa.family for qa in ex.qas]}) + "\n")
     return path
-
-
-# ---------------------------------------------------------------- scoring
-NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-
-
-def normalise(text: str) -> str:
-    """Lower-case, punctuation replaced by spaces, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
-
-
-def description_f1(pred: str, true: str) -> float:
-    """Per-object F1 between comma-separated item lists (items normalised, multiset match); in [0, 1]."""
-    p = Counter(normalise(x) for x in pred.split(",") if normalise(x))
-    t = Counter(normalise(x) for x in true.split(",") if normalise(x))
-    hit = sum((p & t).values())
-    return 2 * hit / (sum(p.values()) + sum(t.values())) if hit else 0.0  # = 2PR / (P + R)
-
-
-def score(answer_pred: str, answer_true: str, family: str) -> bool:
-    """Is ``answer_pred`` right? Both sides go through :func:`normalise`, then per family:
-
-    existence: the first "yes"/"no" word of the prediction equals the truth; counting: the first number
-    (digits, or a number word zero..ten) equals the truth; attribute, reading, description: the whole
-    normalised strings are equal (for descriptions the softer :func:`description_f1` is reported apart).
-    """
-    words, truth = normalise(answer_pred).split(), normalise(answer_true)
-    if family == "existence":
-        return next((w for w in words if w in ("yes", "no")), None) == truth
-    if family == "counting":
-        nums = [str(int(w)) if w.isdigit() else NUMBER_WORDS[w] for w in words if w.isdigit() or w in NUMBER_WORDS]
-        return bool(nums) and nums[0] == str(int(truth))
-    if family in FAMILIES:
-        return " ".join(words) == truth
-    raise ValueError(f"unknown question family {family!r}; expected one of {FAMILIES}")
-
-
-def majority_baseline(train: list[Example], test: list[Example] | None = None) -> dict[str, float]:
-    """Accuracy per family on ``test`` (default ``train``) of always giving train's commonest answer."""
-    test = train if test is None else test
-    counts, right = defaultdict(Counter), defaultdict(list)
-    for qa in (qa for ex in train for qa in ex.qas):
-        counts[qa.family][qa.answer] += 1
-    for qa in (qa for ex in test for qa in ex.qas):
-        guess = counts[qa.family].most_common(1)[0][0] if counts[qa.family] else ""
-        right[qa.family].append(score(guess, qa.answer, qa.family))
-    return {f: sum(v) / len(v) for f, v in sorted(right.items(), key=lambda kv: FAMILIES.index(kv[0]))}
-
-
-# ---------------------------------------------------------------- per-question records and shortcut rules
-GRADED = {"description": "f1"}  # families scored by a graded metric (in [0, 1] per question) instead of accuracy
-SHORTCUTS = {  # rules that answer from answer statistics or image-level object statistics, without a model
-    "majority": "the train split's commonest answer of the family",
-    "commonest": "image-level statistics without localisation: colour/shape questions get the image's commonest "
-                 "colour/shape, existence 'yes' iff the colour and the shape each occur (not necessarily "
-                 "together), counting 1 if the asked colour/shape occurs else 0; reading and description "
-                 "have no such shortcut and take the majority answer",
-}
-
-
-def metric_of(family: str) -> str:
-    """The metric a family is reported in: "f1" for descriptions, "accuracy" otherwise ("score" for "all")."""
-    return "score" if family == "all" else GRADED.get(family, "accuracy")
-
-
-def prediction_record(ex: Example, image: int, qa: QA, pred: str) -> dict:
-    """One question's record: family, image (index in the test split), image_id, question, prediction,
-    answer, correct (0/1, :func:`score`), score (graded: :func:`description_f1` for descriptions, else
-    = correct)."""
-    ok = int(score(pred, qa.answer, qa.family))
-    graded = description_f1(pred, qa.answer) if qa.family in GRADED else float(ok)
-    return {"family": qa.family, "image": image, "image_id": ex.id, "question": qa.question, "prediction": pred,
-            "answer": qa.answer, "correct": ok, "score": float(graded)}
-
-
-def family_scores(records: list[dict]) -> dict[str, dict]:
-    """Summarise per-question records (:func:`prediction_record`) per family, families in FAMILIES order:
-
-    {family: {"accuracy" (exact, %), "n", "correct" (0/1 list), "image" (list), "metric", "value" (the
-    family's metric, %)}} (+ "f1" (%) and "score" (per-question F1) for graded families), and "all" over
-    every question (``value`` the mean graded score, listed in ``score``). Lists follow ``records`` within
-    a family; ``records`` sorted stably by family gives the order of "all".
-    """
-    by_fam = defaultdict(list)
-    for r in records:
-        by_fam[r["family"]].append(r)
-    out = {}
-    for fam in sorted(by_fam, key=FAMILIES.index):
-        rs = by_fam[fam]
-        ok, graded = [int(r["correct"]) for r in rs], [float(r["score"]) for r in rs]
-        out[fam] = {"accuracy": 100.0 * sum(ok) / len(ok), "n": len(ok), "correct": ok,
-                    "image": [int(r["image"]) for r in rs], "metric": metric_of(fam),
-                    "value": 100.0 * sum(graded) / len(graded)}
-        if fam in GRADED:
-            out[fam].update({"f1": out[fam]["value"], "score": graded})
-    every = [r for fam in out for r in by_fam[fam]]
-    ok, graded = [int(r["correct"]) for r in every], [float(r["score"]) for r in every]
-    out["all"] = {"accuracy": 100.0 * sum(ok) / max(len(ok), 1), "n": len(ok), "correct": ok,
-                  "image": [int(r["image"]) for r in every], "metric": "score",
-                  "value": 100.0 * sum(graded) / max(len(graded), 1), "score": graded}
-    return out
-
-
-def _commonest(values: list[str]) -> str:
-    """The commonest value; ties go to the one seen first."""
-    counts = Counter(values)
-    return max(values, key=lambda v: (counts[v], -values.index(v)))
-
-
-def shortcut_answer(rule: str, qa: QA, objects: list[WorldObject], majority: dict[str, str]) -> str:
-    """The answer of shortcut ``rule`` (a key of :data:`SHORTCUTS`) to ``qa`` about an image holding
-    ``objects`` (ground truth, reading order); ``majority``: {family: train's commonest answer}."""
-    if rule not in SHORTCUTS:
-        raise ValueError(f"rule={rule!r}: expected one of {sorted(SHORTCUTS)}")
-    shapes = [o for o in sorted(objects, key=lambda o: REGIONS.index(o.region)) if o.kind == "shape"]
-    colours, kinds = [o.colour for o in shapes], [o.shape for o in shapes]
-    fallback = majority.get(qa.family, "")
-    if rule == "majority" or not shapes:
-        return fallback
-    q = qa.question
-    if qa.family == "attribute":
-        return _commonest(colours) if q.startswith("What colour") else _commonest(kinds)
-    if qa.family == "existence":
-        m = re.fullmatch(r"Is there an? (\w+) (\w+)\?", q)
-        return fallback if m is None else ("yes" if m[1] in colours and m[2] in kinds else "no")
-    if qa.family == "counting":
-        singular = {p: s for s, p in PLURAL.items()}
-        m = re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", q)
-        if m is None:
-            return fallback
-        word = m[1]
-        present = word in colours if q.endswith(" shapes are there?") else singular.get(word) in kinds
-        return "1" if present else "0"
-    return fallback
-
-
-def shortcut_rules(train: list[Example], test: list[Example]) -> dict[str, dict[str, dict]]:
-    """Every shortcut rule of :data:`SHORTCUTS` scored on ``test``: {rule: :func:`family_scores` layout}, the
-    questions in the order :mod:`fusion_vlm.demo.evaluate` asks them (so rule and model scores pair up)."""
-    counts = defaultdict(Counter)
-    for qa in (qa for ex in train for qa in ex.qas):
-        counts[qa.family][qa.answer] += 1
-    majority = {fam: c.most_common(1)[0][0] for fam, c in counts.items()}
-    out = {}
-    for rule in SHORTCUTS:
-        records = [prediction_record(ex, i, qa, shortcut_answer(rule, qa, ex.objects, majority))
-                   for i, ex in enumerate(test) for qa in ex.qas]
-        out[rule] = family_scores(sorted(records, key=lambda r: FAMILIES.index(r["family"])))
-    return out
