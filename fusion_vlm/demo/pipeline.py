@@ -36,9 +36,10 @@ def __getattr__(name: str):
 def demo_world(seed: int = 0, config: str | Path | DemoConfig = "full"):
     """The world of a demo config (``configs/demo/<config>.yaml``, ``world``) with ``seed``.
 
-    The default world made easier to learn in CPU minutes: 3 colours x 3 shapes with one held-out pair,
-    1-3 large shapes and one glyph per image, 8-10 questions per image, aspect ratios up to 2:1 and HD-4
-    views. Why each change: docs/demo.md, "Why each choice".
+    Both presets: 5 colours x 4 shapes with one held-out pair, 4-12 shapes and 1-3 glyphs per image on a
+    4x4 layout, no global shortcut (skewed per-image weights, hard existence negatives, uniform attribute
+    values, counting in regions), 8-10 questions per image, aspect ratios up to 2:1 and HD-4 views. Why
+    each choice: docs/demo.md, "The synthetic world" and "Why each choice".
     """
     cfg = config if isinstance(config, DemoConfig) else load_demo_config(config)
     return replace(cfg.world, seed=seed)
