@@ -19,6 +19,7 @@ from fusion_vlm.demo.config import load_demo_config
 from fusion_vlm.demo.evaluate import items_path
 from fusion_vlm.demo.pipeline import MODES
 from fusion_vlm.demo.report import combo, decide, fmt
+from fusion_vlm.demo.standins import VISION_PROBES
 from fusion_vlm.demo.world import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -68,8 +69,6 @@ def test_report_files_and_scores(demo_out):
     probe = json.loads((demo_out / "stage0/context_probe.json").read_text())
     standins = json.loads((demo_out / "stage0/standins.json").read_text())  # the shipped stand-ins, probed
     assert standins["source"].startswith("shipped") and "## Stand-ins" in report
-    from fusion_vlm.demo.standins import VISION_PROBES
-
     for key, name in VISION_PROBES.items():  # every probe row of the shipped stand-ins, with its figure
         assert f"| vision: {name} | {standins['probe']['vision'][key]:.1f} |" in report
     # the baselines: avgpool / random at every N, all_tokens once (in the report, not in the N-curve CSV)
