@@ -246,7 +246,10 @@ class FusionModule(nn.Module):
 
     def _forward_independent(self, vision: list[torch.Tensor], questions: list[list[list[int]]], n_queries: int,
                              use_question: bool) -> FusionOutput:
-        """Every group alone with N slots: per sample a vision prefix, then its questions as one batch.
+        """Every group alone with N slots, in two decoder calls for the whole batch: every sample's vision
+        tokens (:meth:`encode_prefixes`), then every question of every sample as one row ``[q][N slots]``
+        reading its sample's keys/values (:meth:`fuse_with_prefixes`). The same outputs as
+        ``[vision][q][N slots]`` per group.
 
         Gradient checkpointing drops the key/value cache, so with it each group gets its own full
         ``[vision][q][N slots]`` sequence instead (the same outputs, the vision part recomputed).
@@ -256,44 +259,67 @@ class FusionModule(nn.Module):
                                 [[q] for qs in questions for q in qs], n_queries, n_queries, use_question)
             groups = iter(flat.per_group())
             return FusionOutput([[next(groups) for _ in qs] for qs in questions])
-        embedded = iter(self.embed_questions([q for qs in questions for q in qs]) if use_question else [])
-        return FusionOutput([self.fuse_with_prefix(self.encode_prefix(v), qs, n_queries, use_question,
-                                                   [next(embedded) for _ in qs] if use_question else None)
-                             for v, qs in zip(vision, questions)])
+        return FusionOutput(self.fuse_with_prefixes(self.encode_prefixes(vision), questions, n_queries, use_question))
 
     def _cache_kw(self, cache: DynamicCache) -> dict:
         """``{"cache": cache}`` where the decoder takes ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
         name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         return {name: cache}
 
+    def encode_prefixes(self, vision: list[torch.Tensor]) -> list[VisionPrefix]:
+        """Run B samples' vision tokens (float [T_b, H] each, right-padded into one call) and keep each
+        sample's keys/values: B prefixes of T_b positions."""
+        embeds, mask = self._right_pad([v.to(self.eos_slot.dtype) for v in vision])
+        cache = DynamicCache(config=self.decoder.config)
+        self.decoder(inputs_embeds=embeds, attention_mask=None if bool(mask.all()) else mask, use_cache=True,
+                     **self._cache_kw(cache))
+        return [VisionPrefix([(layer.keys[b:b + 1, :, :t], layer.values[b:b + 1, :, :t]) for layer in cache.layers], t)
+                for b, t in enumerate(v.shape[0] for v in vision)]
+
     def encode_prefix(self, vision: torch.Tensor) -> VisionPrefix:
         """Run the vision tokens float [T, H] alone and keep their keys/values."""
+        return self.encode_prefixes([vision])[0]
+
+    def fuse_with_prefixes(self, prefixes: list[VisionPrefix], questions: list[list[list[int]]], n_queries: int,
+                           use_question: bool = True, question_embeds: list[torch.Tensor] | None = None
+                           ) -> list[list[torch.Tensor]]:
+        """Fuse the K_b independent questions of B images, each as a first group after its image's prefix, in
+        one decoder call: ``out[b][k]`` float [N, H].
+
+        Equivalent to ``forward`` on ``[vision_b][q_bk][N slots]`` for every (b, k), but the vision part is
+        read from ``prefixes[b]`` (padded to the longest prefix and masked; positions continue after T_b).
+        ``question_embeds`` (optional): the questions already embedded, float [len_bk, H], in (b, k) order.
+        """
+        if len(prefixes) != len(questions):
+            raise ValueError(f"got {len(prefixes)} vision prefixes but {len(questions)} question lists")
+        flat = [q for qs in questions for q in qs]
+        if use_question:
+            embedded = self.embed_questions(flat) if question_embeds is None else question_embeds
+        else:
+            embedded = [None] * len(flat)
+        empty = self.eos_slot.new_zeros(0, self.cfg.hidden_size)
+        seqs = [self.build_sequence(empty, [q], n_queries, n_queries, use_question, [e] if use_question else None)[0]
+                for q, e in zip(flat, embedded)]
+        longest = max(p.length for p in prefixes)
+        embeds, mask = self._right_pad(seqs, longest)
+        device = embeds.device
+        owner = torch.tensor([b for b, qs in enumerate(questions) for _ in qs], device=device)
+        lengths = torch.tensor([p.length for p in prefixes], device=device)
+        mask[:, :longest] = (torch.arange(longest, device=device) < lengths[owner, None]).long()
         cache = DynamicCache(config=self.decoder.config)
-        self.decoder(inputs_embeds=vision[None].to(self.eos_slot.dtype), use_cache=True, **self._cache_kw(cache))
-        return VisionPrefix([(layer.keys, layer.values) for layer in cache.layers], vision.shape[0])
+        for layer in range(len(prefixes[0].kv)):
+            keys, values = (torch.cat([nn.functional.pad(p.kv[layer][i], (0, 0, 0, longest - p.length))
+                                       for p in prefixes]) for i in (0, 1))
+            cache.update(keys[owner], values[owner], layer)
+        positions = lengths[owner, None] + torch.arange(embeds.shape[1], device=device)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              use_cache=True, **self._cache_kw(cache)).last_hidden_state
+        fused = iter(hidden[r, s.shape[0] - n_queries: s.shape[0]] for r, s in enumerate(seqs))
+        return [[next(fused) for _ in qs] for qs in questions]
 
     def fuse_with_prefix(self, prefix: VisionPrefix, questions: list[list[int]], n_queries: int,
                          use_question: bool = True, question_embeds: list[torch.Tensor] | None = None
                          ) -> list[torch.Tensor]:
-        """Fuse K independent questions about one image, each as a first group: list of K float [N, H].
-
-        Equivalent to ``forward`` on ``[vision][q_k][N slots]`` for each k, but
-        the vision part is read from ``prefix`` instead of being recomputed.
-        ``question_embeds`` (optional): the K questions already embedded, float [len_k, H].
-        """
-        if use_question:
-            embedded = self.embed_questions(questions) if question_embeds is None else question_embeds
-        else:
-            embedded = [None] * len(questions)
-        seqs = [self.build_sequence(self.eos_slot.new_zeros(0, self.cfg.hidden_size), [q], n_queries, n_queries,
-                                    use_question, [e] if use_question else None)[0]
-                for q, e in zip(questions, embedded)]
-        embeds, mask = self._right_pad(seqs, prefix.length)
-        k, length = embeds.shape[:2]
-        cache = DynamicCache(config=self.decoder.config)
-        for layer, (keys, values) in enumerate(prefix.kv):
-            cache.update(keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1), layer)
-        positions = (prefix.length + torch.arange(length, device=embeds.device)).expand(k, length)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                              use_cache=True, **self._cache_kw(cache)).last_hidden_state
-        return [hidden[i, seq.shape[0] - n_queries: seq.shape[0]] for i, seq in enumerate(seqs)]
+        """Fuse K independent questions about one image, each as a first group: list of K float [N, H]
+        (:meth:`fuse_with_prefixes` for one image)."""
+        return self.fuse_with_prefixes([prefix], [questions], n_queries, use_question, question_embeds)[0]

@@ -47,22 +47,29 @@ class VisionPrefixCache:
         """Forget every stored prefix."""
         self._items.clear()
 
-    def get(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], VisionPrefix]) -> VisionPrefix:
-        """The prefix of the views float [V, 3, S, S]: the stored one, else ``compute(pixel_values)``.
+    def get(self, pixel_values: list[torch.Tensor], compute: Callable[[list[torch.Tensor]], list[VisionPrefix]]
+            ) -> list[VisionPrefix]:
+        """The prefixes of B images' views (float [V_b, 3, S, S] each): the stored ones, the others from one
+        ``compute(views of the missing images)`` call.
 
-        A computed prefix is stored only when the cache is on and autograd is off (a prefix built under
+        Computed prefixes are stored only when the cache is on and autograd is off (a prefix built under
         autograd holds a graph).
         """
-        key = hashlib.sha1(pixel_values.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        prefix = compute(pixel_values)
-        if self.size > 0 and not torch.is_grad_enabled():
-            self._items[key] = prefix
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return prefix
+        keys = [hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._items]
+        computed = dict(zip(missing, compute([pixel_values[i] for i in missing]) if missing else []))
+        out = []
+        for i, key in enumerate(keys):
+            if i in computed:
+                out.append(computed[i])
+                if self.size > 0 and not torch.is_grad_enabled():
+                    self._items[key] = computed[i]
+            else:
+                self._items.move_to_end(key)
+                out.append(self._items[key])
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return out
 
 
 @torch.no_grad()
@@ -122,34 +129,38 @@ def answer_independently(model: FusionVLM, images: list, questions: list[list[st
                          reuse: bool = True, **decode) -> list[list[str]]:
     """Each question alone, as ``[vision][q][n slots]`` (fused tokens float [n, H] each); returns answers[b][g].
 
-    With ``reuse`` the vision part comes from the image's :func:`vision_prefix` (computed once per image),
-    else every question gets its own full fusion pass. All questions are then decoded in one LLM batch.
+    With ``reuse`` the vision part comes from the images' :func:`vision_prefixes` (computed once per image,
+    the images together) and every question of every image is fused in one call; else every question gets
+    its own full fusion pass. All questions are then decoded in one LLM batch.
     ``decode``: see :func:`decode_with_fused`.
     """
+    pixels = [model.processor.pixel_values(image) for image in images]
+    ids = [[model.processor.question_tokenizer(q) for q in qs] for qs in questions]
+    if model.fusion is None:  # a baseline reducer: the merged tokens reduced without the question
+        vision = model.encode_images(torch.cat(pixels), [p.shape[0] for p in pixels])
+        groups = model.reduce(vision, ids, n, n, use_q, independent=True, pixel_values=pixels).groups
+    elif reuse:
+        groups = model.fusion.fuse_with_prefixes(vision_prefixes(model, pixels), ids, n, use_q)
+    else:  # the reference path: a full [vision][q][n slots] pass per question
+        groups = []
+        for views, image_ids in zip(pixels, ids):
+            vision = model.encode_images(views, [views.shape[0]])
+            groups.append([model.fusion(vision, [[q]], n, n, use_q).groups[0][0] for q in image_ids])
     prompts, fused = [], []
-    for image, qs in zip(images, questions):
-        pixels = model.processor.pixel_values(image)
-        ids = [model.processor.question_tokenizer(q) for q in qs]
-        if model.fusion is None:  # a baseline reducer: the merged tokens reduced without the question
-            vision = model.encode_images(pixels, [pixels.shape[0]])
-            groups = model.reduce(vision, [ids], n, n, use_q, independent=True, pixel_values=[pixels]).groups[0]
-        elif reuse:
-            groups = model.fusion.fuse_with_prefix(vision_prefix(model, pixels), ids, n, use_q)
-        else:
-            vision = model.encode_images(pixels, [pixels.shape[0]])
-            groups = [model.fusion(vision, [[q]], n, n, use_q).groups[0][0] for q in ids]
-        for q, g in zip(qs, groups):
+    for qs, image_groups in zip(questions, groups):
+        for q, g in zip(qs, image_groups):
             prompts.append(build_prompt(model.tokenizer, [(q, None)], [g.shape[0]], model.config.llm.system_prompt))
             fused.append(g)
     texts = iter(decode_with_fused(model, prompts, fused, **decode))
     return [[next(texts) for _ in qs] for qs in questions]
 
 
-def vision_prefix(model: FusionVLM, pixel_values: torch.Tensor) -> VisionPrefix:
-    """Fusion keys/values of one image's merged vision tokens (views float [V, 3, S, S] -> T tokens), from
-    ``model.prefix_cache`` when the same views were seen among the last ``model.prefix_cache.size`` images."""
-    def compute(pixels: torch.Tensor) -> VisionPrefix:
-        return model.fusion.encode_prefix(model.encode_images(pixels, [pixels.shape[0]])[0])
+def vision_prefixes(model: FusionVLM, pixel_values: list[torch.Tensor]) -> list[VisionPrefix]:
+    """Fusion keys/values of B images' merged vision tokens (views float [V_b, 3, S, S] -> T_b tokens each):
+    those in ``model.prefix_cache`` (the same views among its last ``model.prefix_cache.size`` images), the
+    others from one vision-tower call and one fusion call (:meth:`~fusion_vlm.fusion.FusionModule.encode_prefixes`)."""
+    def compute(views: list[torch.Tensor]) -> list[VisionPrefix]:
+        return model.fusion.encode_prefixes(model.encode_images(torch.cat(views), [v.shape[0] for v in views]))
 
     return model.prefix_cache.get(pixel_values, compute)
 

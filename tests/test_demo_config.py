@@ -20,7 +20,7 @@ from fusion_vlm.schema import save_config
 # The recipe as fusion_vlm/demo/pipeline.py hard-coded it before it moved to configs/demo/ (the reference):
 # DemoSize(train_images, test_images, stage0, stage1_steps, stage2_steps, stage3_steps, stage3_fraction,
 # micro_batch, lr, n_values), MODEL_OVERRIDES, LR_SCALE and demo_world().
-SIZES = {"quick": (2000, 96, "quick", 300, 100, 20, 0.1, 8, 1e-3, (1, 4, 16)),
+SIZES = {"quick": (1000, 64, "quick", 200, 80, 20, 0.1, 8, 1e-3, (1, 4, 16)),
              "full": (2000, 144, "full", 500, 250, 30, 0.1, 8, 1e-3, (1, 2, 4, 8, 16, 32, 64))}
 OLD_OVERRIDES = ["views.max_local_views=4", "views.hd_rule=no_upsize", "fusion.hidden_size=96", "fusion.num_layers=3",
                  "fusion.num_heads=4", "fusion.num_kv_heads=4", "fusion.intermediate_size=192",
@@ -47,7 +47,7 @@ def test_presets_equal_the_recipe(name):
     assert (cfg.stage1.warmup_ratio, cfg.stage2.warmup_ratio, cfg.stage3.warmup_ratio) == (0.1, 0.03, 0.03)
     assert cfg.world == WORLD and demo_world(0, name) == WORLD
     assert demo_world(3, name) == WorldConfig(**{**asdict(WORLD), "seed": 3})
-    assert (cfg.eval.batch_images, cfg.eval.max_new_tokens, cfg.eval.short_new_tokens) == (16, 72, 8)
+    assert (cfg.eval.batch_images, cfg.eval.max_new_tokens, cfg.eval.short_new_tokens) == (48, 72, 8)
 
 
 @pytest.mark.parametrize("name", ["quick", "full"])

@@ -97,3 +97,28 @@ def test_gradient_checkpointing_falls_back_to_full_sequences(tiny_model, image_f
     for p_groups, f_groups in zip(prefix, full):
         for p, f in zip(p_groups, f_groups):
             torch.testing.assert_close(p, f, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_question", [True, False])
+def test_batched_independent_fusion_equals_one_prefix_per_image(tiny_model, image_factory, use_question):
+    """The batch path (all vision prefixes right-padded in one call, all questions in a second) gives each
+    group what :meth:`fuse_with_prefix` gives it from its own image's prefix, for vision of unequal lengths."""
+    qt = tiny_model.processor.question_tokenizer
+    pixels = tiny_model.processor.pixel_values(image_factory(300, 150, 7))
+    fusion = tiny_model.fusion.eval()
+    with torch.no_grad():
+        v = tiny_model.encode_images(pixels, [pixels.shape[0]])[0]
+        vision = [v[:30], v, v[5:17]]
+        questions = [[qt("what colour"), qt("how many shapes are there")], [qt("describe")],
+                     [qt("is there a red circle"), qt("what letter"), qt("how many")]]
+        batched = fusion(vision, questions, 3, use_question=use_question, independent=True).groups
+        alone = [fusion.fuse_with_prefix(fusion.encode_prefix(x), qs, 3, use_question)
+                 for x, qs in zip(vision, questions)]
+    assert [len(g) for g in batched] == [2, 1, 3]
+    for b_groups, a_groups in zip(batched, alone):
+        for b, a in zip(b_groups, a_groups):
+            assert b.shape == (3, fusion.cfg.hidden_size)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    # the groups of the short image really read their own (padded) prefix: not the long one's
+    assert not torch.allclose(batched[0][0], fusion.fuse_with_prefix(fusion.encode_prefix(v), questions[0][:1], 3,
+                                                                     use_question)[0], atol=1e-4)

@@ -144,6 +144,30 @@ def test_vision_prefix_reuse_gives_identical_answers(tiny_model, image_factory):
     assert reused == fresh and [len(a) for a in reused] == [3, 1]
 
 
+def test_prefix_cache_computes_only_the_missing_images_in_one_call():
+    from fusion_vlm.generation import VisionPrefixCache
+    views = [torch.full((2, 3, 4, 4), float(i)) for i in range(4)]
+    calls = []
+
+    def compute(batch):
+        calls.append([int(v[0, 0, 0, 0]) for v in batch])
+        return [f"prefix{int(v[0, 0, 0, 0])}" for v in batch]
+
+    cache = VisionPrefixCache(size=3)
+    with torch.no_grad():
+        assert cache.get(views[:2], compute) == ["prefix0", "prefix1"]
+        assert cache.get([views[1], views[2], views[0]], compute) == ["prefix1", "prefix2", "prefix0"]
+        assert calls == [[0, 1], [2]]  # image 2 alone was missing
+        cache.get([views[3]], compute)  # a fourth image evicts the least recently used (image 1)
+        cache.get([views[0], views[1]], compute)
+    assert calls[-1] == [1] and len(cache) == 3
+    with torch.enable_grad():  # prefixes built under autograd hold a graph: not stored
+        VisionPrefixCache(size=3).get([views[0]], compute)
+        grad_cache = VisionPrefixCache(size=3)
+        grad_cache.get([views[0]], compute)
+    assert len(grad_cache) == 0
+
+
 def test_fuse_with_prefix_equals_full_sequence(tiny_model, image_factory):
     pixels = tiny_model.processor.pixel_values(image_factory(300, 300, 8))
     qt = tiny_model.processor.question_tokenizer
