@@ -268,7 +268,7 @@ class FusionModule(nn.Module):
 
     def encode_prefixes(self, vision: list[torch.Tensor]) -> list[VisionPrefix]:
         """Run B samples' vision tokens (float [T_b, H] each, right-padded into one call) and keep each
-        sample's keys/values: B prefixes of T_b positions."""
+        sample's keys/values: B prefixes of T_b positions (views into the batch's cache tensors)."""
         embeds, mask = self._right_pad([v.to(self.eos_slot.dtype) for v in vision])
         cache = DynamicCache(config=self.decoder.config)
         self.decoder(inputs_embeds=embeds, attention_mask=None if bool(mask.all()) else mask, use_cache=True,

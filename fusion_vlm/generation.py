@@ -62,8 +62,9 @@ class VisionPrefixCache:
         for i, key in enumerate(keys):
             if i in computed:
                 out.append(computed[i])
-                if self.size > 0 and not torch.is_grad_enabled():
-                    self._items[key] = computed[i]
+                if self.size > 0 and not torch.is_grad_enabled():  # a copy: not a view that holds the whole batch
+                    self._items[key] = VisionPrefix([(k.clone(), v.clone()) for k, v in computed[i].kv],
+                                                    computed[i].length)
             else:
                 self._items.move_to_end(key)
                 out.append(self._items[key])

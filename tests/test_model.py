@@ -145,25 +145,32 @@ def test_vision_prefix_reuse_gives_identical_answers(tiny_model, image_factory):
 
 
 def test_prefix_cache_computes_only_the_missing_images_in_one_call():
+    from fusion_vlm.fusion import VisionPrefix
     from fusion_vlm.generation import VisionPrefixCache
     views = [torch.full((2, 3, 4, 4), float(i)) for i in range(4)]
     calls = []
 
-    def compute(batch):
-        calls.append([int(v[0, 0, 0, 0]) for v in batch])
-        return [f"prefix{int(v[0, 0, 0, 0])}" for v in batch]
+    def compute(batch):  # prefixes as views into one batched tensor, as FusionModule.encode_prefixes gives
+        ids = [int(v[0, 0, 0, 0]) for v in batch]
+        calls.append(ids)
+        kv = torch.tensor(ids, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 1, 3, 2).contiguous()
+        return [VisionPrefix([(kv[b:b + 1], kv[b:b + 1])], 3) for b in range(len(ids))]
+
+    def ids(prefixes):
+        return [int(p.kv[0][0][0, 0, 0, 0]) for p in prefixes]
 
     cache = VisionPrefixCache(size=3)
     with torch.no_grad():
-        assert cache.get(views[:2], compute) == ["prefix0", "prefix1"]
-        assert cache.get([views[1], views[2], views[0]], compute) == ["prefix1", "prefix2", "prefix0"]
+        assert ids(cache.get(views[:2], compute)) == [0, 1]
+        assert ids(cache.get([views[1], views[2], views[0]], compute)) == [1, 2, 0]
         assert calls == [[0, 1], [2]]  # image 2 alone was missing
+        stored = cache.get([views[0]], compute)[0].kv[0][0]
+        assert stored.untyped_storage().nbytes() == stored.numel() * 4  # a copy, not a view of the batch
         cache.get([views[3]], compute)  # a fourth image evicts the least recently used (image 1)
         cache.get([views[0], views[1]], compute)
     assert calls[-1] == [1] and len(cache) == 3
+    grad_cache = VisionPrefixCache(size=3)
     with torch.enable_grad():  # prefixes built under autograd hold a graph: not stored
-        VisionPrefixCache(size=3).get([views[0]], compute)
-        grad_cache = VisionPrefixCache(size=3)
         grad_cache.get([views[0]], compute)
     assert len(grad_cache) == 0
 

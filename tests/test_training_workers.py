@@ -1,4 +1,4 @@
-"""A DataLoader worker (data.num_workers=1, the demo's default) changes nothing but where images are decoded:
+"""A DataLoader worker (data.num_workers=1) changes nothing but where images are decoded:
 the same batches, the same weights, the same skip counts as loading in the training process."""
 
 from __future__ import annotations

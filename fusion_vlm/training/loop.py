@@ -265,6 +265,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         stop.restore()
         logger.close()
+        engine.destroy()  # its hooks keep the model and optimizer alive: every later run in this process would leak them
     return result
 
 
