@@ -281,22 +281,17 @@ class FusionModule(nn.Module):
         return self.encode_prefixes([vision])[0]
 
     def fuse_with_prefixes(self, prefixes: list[VisionPrefix], questions: list[list[list[int]]], n_queries: int,
-                           use_question: bool = True, question_embeds: list[torch.Tensor] | None = None
-                           ) -> list[list[torch.Tensor]]:
+                           use_question: bool = True) -> list[list[torch.Tensor]]:
         """Fuse the K_b independent questions of B images, each as a first group after its image's prefix, in
         one decoder call: ``out[b][k]`` float [N, H].
 
         Equivalent to ``forward`` on ``[vision_b][q_bk][N slots]`` for every (b, k), but the vision part is
         read from ``prefixes[b]`` (padded to the longest prefix and masked; positions continue after T_b).
-        ``question_embeds`` (optional): the questions already embedded, float [len_bk, H], in (b, k) order.
         """
         if len(prefixes) != len(questions):
             raise ValueError(f"got {len(prefixes)} vision prefixes but {len(questions)} question lists")
         flat = [q for qs in questions for q in qs]
-        if use_question:
-            embedded = self.embed_questions(flat) if question_embeds is None else question_embeds
-        else:
-            embedded = [None] * len(flat)
+        embedded = self.embed_questions(flat) if use_question else [None] * len(flat)
         empty = self.eos_slot.new_zeros(0, self.cfg.hidden_size)
         seqs = [self.build_sequence(empty, [q], n_queries, n_queries, use_question, [e] if use_question else None)[0]
                 for q, e in zip(flat, embedded)]
@@ -318,8 +313,7 @@ class FusionModule(nn.Module):
         return [[next(fused) for _ in qs] for qs in questions]
 
     def fuse_with_prefix(self, prefix: VisionPrefix, questions: list[list[int]], n_queries: int,
-                         use_question: bool = True, question_embeds: list[torch.Tensor] | None = None
-                         ) -> list[torch.Tensor]:
+                         use_question: bool = True) -> list[torch.Tensor]:
         """Fuse K independent questions about one image, each as a first group: list of K float [N, H]
         (:meth:`fuse_with_prefixes` for one image)."""
-        return self.fuse_with_prefixes([prefix], [questions], n_queries, use_question, question_embeds)[0]
+        return self.fuse_with_prefixes([prefix], [questions], n_queries, use_question)[0]
