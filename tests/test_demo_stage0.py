@@ -54,7 +54,7 @@ def test_clip_captions_are_the_description_then_each_answered_question(examples)
     assert caps[0] == ex.description and len(caps) == 1 + len(asked)
     for cap, qa in zip(caps[1:], asked):
         assert cap == f"{qa.question} {qa.answer}"
-    images, texts = stage0.clip_inputs(examples[:3])
+    images, texts, _ = stage0.clip_inputs(examples[:3])
     assert images.shape == (3, 3, 112, 112) and [t.shape[0] for t in texts] == [len(stage0.captions(e))
                                                                                  for e in examples[:3]]
 
@@ -85,7 +85,7 @@ def test_local_view_captions_name_the_objects_drawn_in_each_view(examples):
             assert found, (ex.id, obj)
             checked += 1
     assert checked >= 12
-    images, texts = stage0.clip_inputs(examples[:4], max_local_views=4)
+    images, texts, _ = stage0.clip_inputs(examples[:4], max_local_views=4)
     n_local = [sum(c is not None for c in stage0.local_view_captions(e, processor(e.image)[1])) for e in examples[:4]]
     assert images.shape[0] == len(texts) == 4 + sum(n_local)
     assert [t.shape[0] for t in texts].count(1) >= sum(n_local)
@@ -108,8 +108,9 @@ def test_object_crops_show_the_named_object_at_their_centre():
         assert len(crops) == min(3, len(ex.objects)) and [c[1] for c in crops] == [c[1] for c in again]
         assert all(torch.equal(a[0], b[0]) for a, b in zip(crops, again))
         names = [o.name() for o in ex.objects]
-        for crop, name in crops:
+        for crop, name, (u, v) in crops:
             assert crop.shape == (3, 112, 112) and name in names
+            assert 0 <= u < 112 and 0 <= v < 112
             obj = next(o for o in ex.objects if o.name() == name)
             rgb = ((crop * std + mean) * 255).round().int()
             if obj.kind == "shape":  # a shape of that colour, several patches large, lies in the crop
@@ -120,9 +121,59 @@ def test_object_crops_show_the_named_object_at_their_centre():
                 assert (rgb.amax(0) < 90).sum() >= 20  # dark glyph strokes in the crop
             n += 1
     assert n >= 12
-    images, texts = stage0.clip_inputs(exs[:2], max_local_views=4, crops=2, seed=0)
-    plain, _ = stage0.clip_inputs(exs[:2], max_local_views=4)
+    images, texts, _ = stage0.clip_inputs(exs[:2], max_local_views=4, crops=2, seed=0)
+    plain, _, _ = stage0.clip_inputs(exs[:2], max_local_views=4)
     assert images.shape[0] == plain.shape[0] + 4 and all(t.shape[0] == 1 for t in texts[-4:])
+
+
+def test_clip_regions_sit_on_the_objects_they_name():
+    """Independent of the region geometry: the 3x3 patch block of each region (un-normalised pixels) holds
+    the named shape's colour or a glyph's dark strokes, in global views, local views and crops alike;
+    every shape is named in its global view and every object in some local view."""
+    from fusion_vlm.demo.config import load_demo_config
+
+    world = load_demo_config("quick").world
+    exs = make_examples("train", 6, world)
+    images, texts, regions = stage0.clip_inputs(exs, max_local_views=world.max_local_views, hd_rule=world.hd_rule,
+                                                crops=2, seed=0, glyph_crops=2)
+    assert len(regions) == images.shape[0] == len(texts)
+    n_glyphs = sum(o.kind != "shape" for ex in exs for o in ex.objects)
+    plain, _, _ = stage0.clip_inputs(exs, max_local_views=world.max_local_views, hd_rule=world.hd_rule, crops=2,
+                                     seed=0)
+    assert images.shape[0] == plain.shape[0] + 2 * n_glyphs
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    colours = {o.name(): o.colour for ex in exs for o in ex.objects if o.kind == "shape"}
+    checked = 0
+    for image, rs in zip(images, regions):
+        rgb = ((image * std + mean) * 255).round().int()
+        for row, col, name in rs:
+            assert 1 <= row <= 6 and 1 <= col <= 6
+            block = rgb[:, (row - 1) * 14:(row + 2) * 14, (col - 1) * 14:(col + 2) * 14]
+            if name in colours:
+                hits = sum(nearest_colour(tuple(block[:, y, x].tolist())) == colours[name] and block[:, y, x].min() < 200
+                           for y in range(0, 42, 2) for x in range(0, 42, 2))
+                assert hits >= 1, (name, row, col)
+            else:
+                assert (block.amax(0) < 90).sum() >= 5, (name, row, col)
+            checked += 1
+    assert sorted(n for *_, n in regions[0]) == sorted(o.name() for o in exs[0].objects if o.kind == "shape")
+    assert checked >= sum(len(ex.objects) for ex in exs)  # each shape twice (global, local), glyphs once, crops
+
+
+def test_region_term_trains_the_patch_tokens_and_is_not_saved(tmp_path, examples):
+    """With region_weight > 0 the region term falls, the saved file is still a strict open_clip state dict,
+    and the same seed gives the same losses."""
+    runs = [stage0.train_clip(examples[:12], tmp_path / f"r{i}.safetensors", steps=40, batch_size=12, lr=2e-3,
+                              max_local_views=4, crops=2, region_weight=1.0, progress=False) for i in range(2)]
+    region = runs[0]["region_losses"]
+    assert len(region) == 40 and runs[0]["losses"] == runs[1]["losses"] and region == runs[1]["region_losses"]
+    assert sum(region[-5:]) / 5 < sum(region[:5]) / 5 - 0.3
+    cfg = stage0.clip_config()
+    fresh = build_clip(cfg.vision, cfg.views.view_size)
+    incompatible = open_clip.load_checkpoint(fresh, str(tmp_path / "r0.safetensors"))  # strict: no head keys
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    plain = stage0.train_clip(examples[:12], tmp_path / "p.safetensors", steps=2, batch_size=12, progress=False)
+    assert plain["region_losses"] == []
 
 
 def test_text_llm_loss_falls_and_tokenizer(outputs, examples):

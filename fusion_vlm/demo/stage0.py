@@ -2,8 +2,9 @@
 
 * :func:`train_clip` -- the tiny open_clip CLIP of ``configs/model/tiny.yaml`` trained contrastively
   (``open_clip.loss.ClipLoss``, open_clip's tokenizer) on (view, caption) pairs: global views with the
-  description or an answered question, HD local views with the names of the objects in them;
-  saved as a safetensors state dict that ``open_clip.load_checkpoint`` (hence ``vision.pretrained``) loads.
+  description or an answered question, HD local views and object crops with the names of the objects
+  in them, plus a region-text term on the patch tokens at each named object (:func:`object_places` says
+  where an object lies in the views); saved as a safetensors state dict that ``open_clip.load_checkpoint`` (hence ``vision.pretrained``) loads.
 * :func:`fusion_vlm.demo.text_llm.train_text_llm` -- the world tokenizer and a tiny ``LlamaForCausalLM``
   trained on TEXT ONLY (questions, each opened by a text context or none; see that module).
 
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -27,18 +29,21 @@ from safetensors.torch import save_file
 from fusion_vlm.config import ModelConfig, load_model_config
 from fusion_vlm.demo.loop import batches, optimise
 from fusion_vlm.demo.text_llm import train_text_llm
-from fusion_vlm.demo.world import Example, WorldConfig
+from fusion_vlm.demo.world import Example, WorldConfig, WorldObject
 from fusion_vlm.vision import build_clip
 from fusion_vlm.views import ViewPlan, ViewProcessor
 
 # step counts / batch sizes of the two demo sizes (see run_stage0)
-PRESETS = {  # clip_crops: object crops per image among the CLIP's pairs (stage0.object_crops)
-    "quick": {"clip_steps": 150, "clip_batch": 64, "clip_crops": 4, "llm_steps": 300, "llm_batch": 64},
-    "full": {"clip_steps": 300, "clip_batch": 64, "clip_crops": 4, "llm_steps": 600, "llm_batch": 64},
+# clip_crops: object crops per image among the CLIP's pairs, clip_glyph_crops: shifted crops per glyph
+# (stage0.object_crops); clip_region: weight of the region-text term (train_clip)
+CLIP_RECIPE = {"clip_batch": 64, "clip_crops": 4, "clip_glyph_crops": 3, "clip_region": 1.0}
+PRESETS = {
+    "quick": {**CLIP_RECIPE, "clip_steps": 150, "llm_steps": 300, "llm_batch": 64},
+    "full": {**CLIP_RECIPE, "clip_steps": 300, "llm_steps": 600, "llm_batch": 64},
     # the stand-ins shipped with the package (fusion_vlm.demo.standins, `fusion-vlm standins make`): sized to
-    # ~30 minutes on a 2-core CPU; "long" is the same recipe for a machine with a few hours
-    "ship": {"clip_steps": 3000, "clip_batch": 64, "clip_crops": 4, "llm_steps": 2500, "llm_batch": 64},
-    "long": {"clip_steps": 10000, "clip_batch": 64, "clip_crops": 4, "llm_steps": 10000, "llm_batch": 64},
+    # under an hour at one thread on a 2-core CPU; "long" is the same recipe for a machine with a few hours
+    "ship": {**CLIP_RECIPE, "clip_steps": 5000, "llm_steps": 2500, "llm_batch": 64},
+    "long": {**CLIP_RECIPE, "clip_steps": 10000, "llm_steps": 10000, "llm_batch": 64},
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
@@ -63,70 +68,133 @@ def captions(example: Example) -> list[str]:
                                      if qa.family != "description"]
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where one object's centre lies in an image's views, in view pixels (x right, y down)."""
+
+    obj: WorldObject
+    glob: tuple[float, float]  # (u, v) in the global view
+    view: int  # the view holding it: 1 + the row-major index of its local view, 0 when there are no local views
+    local: tuple[float, float]  # (u, v) in that view
+
+
+def object_places(example: Example, plan: ViewPlan) -> list[Place]:
+    """Each object of ``example``'s :class:`Place` in the views of ``plan`` (the global view is the padded
+    canvas scaled down by max(rows, cols); local views tile the canvas)."""
+    sx, sy = plan.resized[0] / example.image.width, plan.resized[1] / example.image.height
+    (ox, oy), s, c = plan.offset, plan.view_size, max(plan.rows, plan.cols)
+    gx, gy = (c * s - plan.resized[0]) // 2, (c * s - plan.resized[1]) // 2
+    places = []
+    for obj in example.objects:
+        x, y = obj.centre[0] * sx, obj.centre[1] * sy
+        glob = ((x + gx) / c, (y + gy) / c)
+        col, row = min(int((x + ox) // s), plan.cols - 1), min(int((y + oy) // s), plan.rows - 1)
+        if plan.n_local > 1:
+            places.append(Place(obj, glob, 1 + row * plan.cols + col, (x + ox - col * s, y + oy - row * s)))
+        else:
+            places.append(Place(obj, glob, 0, glob))
+    return places
+
+
+def block_cell(u: float, v: float, patch: int, grid: int) -> tuple[int, int]:
+    """(row, col) of the patch holding view pixel (u, v), clamped to [1, grid - 2] so that the 3x3 block of
+    patches around it lies inside the grid x grid token map."""
+    return min(max(int(v // patch), 1), grid - 2), min(max(int(u // patch), 1), grid - 2)
+
+
 def local_view_captions(example: Example, plan: ViewPlan) -> list[str | None]:
     """Per local view of ``plan`` (row-major), the names of the objects whose centre lies in it
     ("red circle, letter k"), or None for a view with none."""
-    sx, sy = plan.resized[0] / example.image.width, plan.resized[1] / example.image.height
-    (ox, oy), s = plan.offset, plan.view_size
     cells = [[] for _ in range(plan.n_local)]
-    for obj in example.objects:
-        col, row = int((obj.centre[0] * sx + ox) // s), int((obj.centre[1] * sy + oy) // s)
-        cells[min(row, plan.rows - 1) * plan.cols + min(col, plan.cols - 1)].append(obj.name())
+    for place in object_places(example, plan):
+        cells[max(place.view - 1, 0)].append(place.obj.name())
     return [", ".join(names) or None for names in cells]
 
 
-def object_crops(example: Example, pixels: torch.Tensor, plan: ViewPlan, k: int, seed: int) -> list:
-    """Up to ``k`` (crop float [3, S, S], name) pairs: view-sized crops of the HD local views' canvas
-    (``pixels`` [V, 3, S, S] of ``plan``) centred on seeded objects of ``example``, each captioned with the
-    object's name ("red circle", "letter k"); the crops' neighbours differ, the caption names one object."""
-    if plan.n_local < 2 or k <= 0:
+def _canvas_crop(canvas: torch.Tensor, cx: float, cy: float, s: int):
+    """The s x s crop of ``canvas`` (float [3, H, W]) centred on canvas pixel (cx, cy), clamped into it:
+    (crop float [3, s, s], (cx, cy) in crop pixels)."""
+    x0 = int(min(max(cx - s / 2, 0), canvas.shape[2] - s))
+    y0 = int(min(max(cy - s / 2, 0), canvas.shape[1] - s))
+    return canvas[:, y0:y0 + s, x0:x0 + s].clone(), (cx - x0, cy - y0)
+
+
+def object_crops(example: Example, pixels: torch.Tensor, plan: ViewPlan, k: int, seed: int,
+                 glyph_repeats: int = 0, jitter: float = 30.0) -> list:
+    """(crop float [3, S, S], name, (u, v)) triples: view-sized crops of the HD local views' canvas
+    (``pixels`` [V, 3, S, S] of ``plan``), each captioned with the name of the object it is cut around
+    ("red circle", "letter k"); (u, v) is that object's centre in crop pixels. First up to ``k`` crops
+    centred on seeded objects, then ``glyph_repeats`` crops per glyph shifted by a seeded offset of up to
+    +-``jitter`` px each way (a glyph spans about two patches, and where the patch edges fall in it varies).
+    Crops are clamped into the canvas; their neighbours differ, the caption names one object."""
+    if plan.n_local < 2 or (k <= 0 and glyph_repeats <= 0):
         return []
     s = plan.view_size
     canvas = pixels[1:].reshape(plan.rows, plan.cols, 3, s, s).permute(2, 0, 3, 1, 4).reshape(
         3, plan.rows * s, plan.cols * s)
-    sx, sy = plan.resized[0] / example.image.width, plan.resized[1] / example.image.height
+    places = object_places(example, plan)
+
+    def centre(place):  # canvas pixel = view origin + position in the view
+        row, col = divmod(place.view - 1, plan.cols)
+        return col * s + place.local[0], row * s + place.local[1]
+
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in torch.randperm(len(example.objects), generator=g)[:k].tolist():
-        obj = example.objects[i]
-        cx, cy = obj.centre[0] * sx + plan.offset[0], obj.centre[1] * sy + plan.offset[1]
-        x0 = int(min(max(cx - s / 2, 0), canvas.shape[2] - s))
-        y0 = int(min(max(cy - s / 2, 0), canvas.shape[1] - s))
-        out.append((canvas[:, y0:y0 + s, x0:x0 + s].clone(), obj.name()))
+    for i in torch.randperm(len(places), generator=g)[:max(k, 0)].tolist():
+        crop, uv = _canvas_crop(canvas, *centre(places[i]), s)
+        out.append((crop, places[i].obj.name(), uv))
+    for place in (p for p in places if p.obj.kind != "shape"):
+        for _ in range(glyph_repeats):
+            dx, dy = ((torch.rand(2, generator=g) * 2 - 1) * jitter).tolist()
+            cx, cy = centre(place)
+            crop, (u, v) = _canvas_crop(canvas, cx + dx, cy + dy, s)  # the glyph sits (dx, dy) off the crop's aim
+            out.append((crop, place.obj.name(), (u - dx, v - dy)))
     return out
 
 
 def clip_inputs(examples: list[Example], view_size: int = 112, context_length: int = 64, max_local_views: int = 1,
-                hd_rule: str = "no_upsize", crops: int = 0, seed: int = 0):
-    """CLIP training pairs: (images float [n, 3, S, S], texts: one long [k_i, C] per image).
+                hd_rule: str = "no_upsize", crops: int = 0, seed: int = 0, patch: int = 14, glyph_crops: int = 0):
+    """CLIP training pairs: (images float [n, 3, S, S], texts: one long [k_i, C] per image, regions).
 
     Each example gives its global view with the tokens of its :func:`captions`; with ``max_local_views``
     > 1 also each of its HD local views that holds an object, captioned by :func:`local_view_captions`
-    (k_i = 1), and up to ``crops`` :func:`object_crops` captioned with one object's name. In a local view
+    (k_i = 1), and up to ``crops`` :func:`object_crops` captioned with one object's name (and
+    ``glyph_crops`` shifted crops around each glyph). In a local view
     a shape spans several patches, where in the global view of a wide image it is about one: the
     stand-in then sees shapes, as a CLIP pretrained at many scales does.
+
+    ``regions[i]``: the named objects of image i as (row, col, name), the :func:`block_cell` of ``patch``-px
+    patches at the object's centre: every shape in a global view (a glyph is a few pixels there), every
+    object whose centre lies in a local view, the named object of a crop (the region-text term of
+    :func:`train_clip`).
     """
     views = ViewProcessor(view_size=view_size, max_local_views=max_local_views, hd_rule=hd_rule)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
-    images, texts = [], []
+    grid = view_size // patch
+    images, texts, regions = [], [], []
     for i, ex in enumerate(examples):
         pixels, plan = views(ex.image)
+        places = object_places(ex, plan)
         images.append(pixels[0])
         texts.append(tokenizer(captions(ex)))
+        regions.append([(*block_cell(*p.glob, patch, grid), p.obj.name()) for p in places if p.obj.kind == "shape"])
         if plan.n_local > 1:
-            for view, caption in zip(pixels[1:], local_view_captions(ex, plan)):
+            for v, (view, caption) in enumerate(zip(pixels[1:], local_view_captions(ex, plan)), start=1):
                 if caption is not None:
                     images.append(view)
                     texts.append(tokenizer([caption]))
-        for crop, name in object_crops(ex, pixels, plan, crops, seed + i):
+                    regions.append([(*block_cell(*p.local, patch, grid), p.obj.name()) for p in places if p.view == v])
+        for crop, name, (u, v) in object_crops(ex, pixels, plan, crops, seed + i, glyph_crops):
             images.append(crop)
             texts.append(tokenizer([name]))
-    return torch.stack(images), texts
+            regions.append([(*block_cell(u, v, patch, grid), name)])
+    return torch.stack(images), texts, regions
 
 
 def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, batch_size: int = 64,
                lr: float = 1e-3, seed: int = 0, description_prob: float = 0.5, max_local_views: int = 1,
-               hd_rule: str = "no_upsize", crops: int = 0, progress: bool = True) -> dict:
+               hd_rule: str = "no_upsize", crops: int = 0, glyph_crops: int = 0, region_weight: float = 0.0,
+               progress: bool = True) -> dict:
     """Train the tiny CLIP on (view, caption) pairs of :func:`clip_inputs`; save its state dict to ``out_path``.
 
     A caption is the image's description with probability ``description_prob``, else one of its
@@ -134,26 +202,58 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     the bare answers "yes", "no", "2", "triangle" to nearly one point (cosine 0.98-1.00, measured), and
     stage 1 contrasts the fused tokens with exactly those answer embeddings.
 
-    Returns {"losses": list of per-step ClipLoss values, "seconds", "skipped": True when ``out_path``
-    already existed (then nothing is trained and the stored losses are returned)}.
+    With ``region_weight`` > 0 the loss adds ``region_weight`` x a region-text term (as RegionCLIP does):
+    each named object's 3x3 block of last-block tokens (``clip_inputs``' regions), flattened and mapped by
+    a linear region head to the embedding space, is classified among the text embeddings of the names
+    in the batch (cross-entropy at the CLIP's logit scale). ClipLoss alone trains the pooled CLS token;
+    the patch tokens, which are what the fusion module reads, then learn little about the shapes and
+    glyphs at their place (docs/demo.md). The head is dropped on saving: the file is a plain open_clip
+    state dict.
+
+    Returns {"losses": list of per-step losses (ClipLoss + the weighted region term), "region_losses"
+    (the region term per step; [] without it), "seconds", "skipped": True when ``out_path`` already existed
+    (then nothing is trained and the stored losses are returned)}.
     """
     out_path = Path(out_path)
     if out_path.is_file():
         stored = json.loads(_sidecar(out_path).read_text()) if _sidecar(out_path).is_file() else {}
-        return {"losses": stored.get("losses", []), "seconds": 0.0, "skipped": True}
+        return {"losses": stored.get("losses", []), "region_losses": stored.get("region_losses", []),
+                "seconds": 0.0, "skipped": True}
     start = time.time()
     cfg = clip_config()
     torch.manual_seed(seed)
     model = build_clip(cfg.vision, cfg.views.view_size)
-    images, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, max_local_views,
-                                hd_rule, crops, seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    patch = cfg.vision.patch_size
+    images, texts, regions = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length,
+                                         max_local_views, hd_rule, crops, seed, patch, glyph_crops)
+    grid = cfg.views.view_size // patch
+    names = sorted({name for rs in regions for *_, name in rs})
+    name_tokens = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.vision.text_context_length)(names)
+    head = torch.nn.Linear(9 * cfg.vision.width, cfg.vision.custom["embed_dim"]) if region_weight > 0 else None
+    trained = torch.nn.ModuleDict({"clip": model, **({"region_head": head} if head is not None else {})})
+    decay = [p for p in trained.parameters() if p.ndim >= 2]
+    rest = [p for p in trained.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr,
                             betas=(0.9, 0.98), eps=1e-6)  # CLIP's betas; with clipping, avoids the ln(B) plateau
     loss_fn = open_clip.loss.ClipLoss()
-
+    visual, last = model.visual, len(model.visual.transformer.resblocks) - 1
+    region_losses = []
     gen = torch.Generator().manual_seed(seed + 1)
+
+    def region_loss(tokens, idx):
+        # tokens [B, g, g, W]: each named object's flattened 3x3 block -> head -> classified among the batch's names
+        blocks, labels = [], []
+        for b, i in enumerate(idx.tolist()):
+            for row, col, name in regions[i]:
+                blocks.append(tokens[b, row - 1:row + 2, col - 1:col + 2].reshape(-1))
+                labels.append(name)
+        if not blocks:
+            return tokens.sum() * 0.0
+        present = sorted(set(labels))
+        text = model.encode_text(name_tokens[[names.index(n) for n in present]], normalize=True)
+        region = torch.nn.functional.normalize(head(torch.stack(blocks)), dim=-1)
+        target = torch.tensor([present.index(n) for n in labels])
+        return torch.nn.functional.cross_entropy(model.logit_scale.exp() * region @ text.t(), target)
 
     def loss_of(idx):
         # each image's caption: its description with probability description_prob, else one of its QA captions
@@ -162,23 +262,34 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
             k = texts[i].shape[0]
             qa = torch.rand((), generator=gen).item() >= description_prob and k > 1
             picks.append(texts[i][1 + int(torch.randint(k - 1, (), generator=gen)) if qa else 0])
-        img = model.encode_image(images[idx], normalize=True)
+        if head is None:
+            img = model.encode_image(images[idx], normalize=True)
+        else:  # one pass gives the pooled embedding and the last block's (final-norm) patch tokens
+            out = visual.forward_intermediates(images[idx], indices=[last], normalize_intermediates=True,
+                                               output_fmt="NLC")
+            img = torch.nn.functional.normalize(out["image_features"], dim=-1)
+            tokens = out["image_intermediates"][0].reshape(len(idx), grid, grid, -1)
         txt = model.encode_text(torch.stack(picks), normalize=True)
-        return loss_fn(img, txt, model.logit_scale.exp())
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        if head is not None:
+            extra = region_loss(tokens, idx)
+            region_losses.append(extra.item())
+            loss = loss + region_weight * extra
+        return loss
 
     def clamp_scale():
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    losses = optimise(model, opt, batches(len(images), batch_size, steps, seed), steps, lr, loss_of,
-                       "stage 0: CLIP", progress, after_step=clamp_scale)
+    losses = optimise(trained, opt, batches(len(images), batch_size, steps, seed), steps, lr, loss_of,
+                      "stage 0: CLIP", progress, after_step=clamp_scale)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     seconds = time.time() - start
-    _sidecar(out_path).write_text(json.dumps({"losses": losses, "seconds": seconds}))
+    _sidecar(out_path).write_text(json.dumps({"losses": losses, "region_losses": region_losses, "seconds": seconds}))
     os.replace(tmp, out_path)
-    return {"losses": losses, "seconds": seconds, "skipped": False}
+    return {"losses": losses, "region_losses": region_losses, "seconds": seconds, "skipped": False}
 
 
 def demo_model_config(clip_path: str | Path, llm_dir: str | Path, n_queries: int = 8,
@@ -213,6 +324,7 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     world = world or WorldConfig(seed=seed)
     clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
                       max_local_views=world.max_local_views, hd_rule=world.hd_rule, crops=p.get("clip_crops", 0),
+                      glyph_crops=p.get("clip_glyph_crops", 0), region_weight=p.get("clip_region", 0.0),
                       progress=progress)
     llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
                          context_mix=CONTEXT_MIX, world=world, progress=progress)

@@ -114,10 +114,10 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch
 
 def _block(tokens: torch.Tensor, u: float, v: float, patch: int) -> torch.Tensor:
     """The 3x3 block of tokens (float [g, g, W]) around the patch holding view pixel (u, v), clamped into
-    the grid, flattened: float [9 W]."""
-    g = tokens.shape[0]
-    col = min(max(int(u // patch), 1), g - 2)
-    row = min(max(int(v // patch), 1), g - 2)
+    the grid (:func:`~fusion_vlm.demo.stage0.block_cell`), flattened: float [9 W]."""
+    from fusion_vlm.demo.stage0 import block_cell
+
+    row, col = block_cell(u, v, patch, tokens.shape[0])
     return tokens[row - 1:row + 2, col - 1:col + 2].reshape(-1)
 
 
@@ -127,25 +127,20 @@ def vision_features(tower, examples, views) -> dict[str, tuple[list[torch.Tensor
     [V, 3, S, S] -> [V, g, g, W]) on the views of ``views`` (a ViewProcessor): for each shape, the
     :func:`_block` of global-view tokens at its centre with its colour and its shape, and the block of the
     local view holding its centre with its shape (``shape_local``); for each glyph, the block of the local
-    view holding its centre with its character. Returns {"colour" | "shape" | "shape_local" | "glyph":
-    (features, each float [9 W]; labels)}."""
+    view holding its centre with its character (places: :func:`~fusion_vlm.demo.stage0.object_places`).
+    Returns {"colour" | "shape" | "shape_local" | "glyph": (features, each float [9 W]; labels)}."""
+    from fusion_vlm.demo.stage0 import object_places
+
     out = {"colour": ([], []), "shape": ([], []), "shape_local": ([], []), "glyph": ([], [])}
     for ex in examples:
         pixels, plan = views(ex.image)
         tokens = tower(pixels)  # [V, g, g, W]
-        s, patch = plan.view_size, tower.patch_size
-        sx, sy = plan.resized[0] / ex.image.width, plan.resized[1] / ex.image.height
-        c = max(plan.rows, plan.cols)
-        gx, gy = (c * s - plan.resized[0]) // 2, (c * s - plan.resized[1]) // 2
-        ox, oy = plan.offset
-        for obj in ex.objects:
-            x, y = obj.centre[0] * sx, obj.centre[1] * sy
-            col, row = min(int((x + ox) // s), plan.cols - 1), min(int((y + oy) // s), plan.rows - 1)
-            view = 1 + row * plan.cols + col if plan.n_local > 1 else 0
-            u, v = (x + ox - col * s, y + oy - row * s) if view else ((x + gx) / c, (y + gy) / c)
-            local = _block(tokens[view], u, v, patch)  # the block in the local view holding the centre
+        patch = tower.patch_size
+        for place in object_places(ex, plan):
+            obj = place.obj
+            local = _block(tokens[place.view], *place.local, patch)  # the block in the view holding the centre
             if obj.kind == "shape":
-                feat = _block(tokens[0], (x + gx) / c, (y + gy) / c, patch)
+                feat = _block(tokens[0], *place.glob, patch)
                 for task, f, label in (("colour", feat, obj.colour), ("shape", feat, obj.shape),
                                        ("shape_local", local, obj.shape)):
                     out[task][0].append(f)
@@ -222,7 +217,7 @@ def _used_token_ids(examples, world) -> torch.Tensor:
     from fusion_vlm.demo.stage0 import clip_config, clip_inputs
 
     cfg = clip_config()
-    _, texts = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, world.max_local_views,
+    _, texts, _ = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length, world.max_local_views,
                            world.hd_rule)
     return torch.unique(torch.cat([t.reshape(-1) for t in texts]))
 
@@ -295,7 +290,8 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
     probe = probe_standins(out, world, seed, train=examples)
     (out / PROBE).write_text(json.dumps(probe, indent=2) + "\n")
     t_probe = time.time() - t0
-    losses = {"clip": trained["clip"]["losses"], "llm": trained["llm"]["losses"]}
+    losses = {"clip": trained["clip"]["losses"], "clip_region": trained["clip"].get("region_losses", []),
+              "llm": trained["llm"]["losses"]}
     (out / CARD).write_text(model_card(out, probe, preset, seed, threads, world, losses))
     if not keep_work:
         shutil.rmtree(work)
@@ -326,7 +322,7 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         "synthetic world (the `world` of `configs/demo/full.yaml`). Made with", "",
         "```bash", f"fusion-vlm standins make --preset {preset} --seed {seed} --threads {threads}", "```", "",
         f"(torch {torch.__version__}, transformers {transformers.__version__}, {threads} thread(s), "
-        f"{platform.machine()}). Rerunning that command with the same torch version and thread count gives",
+        f"{platform.machine()}). Rerunning that command with the same torch and transformers versions and thread count gives",
         "files with the same sha256 as below.", "",
         "## CLIP (`clip.safetensors`)", "",
         f"The tiny open_clip CLIP of `configs/model/tiny.yaml` ({params['clip']:,} parameters, of which the text",
@@ -334,10 +330,13 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         f"{p['clip_steps']} steps of {p['clip_batch']} (view, caption) pairs from the first {N_TRAIN} train images "
         f"(world seed {world.seed}):",
         "global views captioned with the description or an answered question, HD local views with the names",
-        f"of the objects in them, and {p.get('clip_crops', 0)} view-sized crops per image centred on one object, "
-        "captioned with its name",
+        f"of the objects in them, {p.get('clip_crops', 0)} view-sized crops per image centred on one object and "
+        f"{p.get('clip_glyph_crops', 0)} shifted crops per glyph, each captioned with its name;",
+        f"plus a region-text term (weight {p.get('clip_region', 0.0):g}) that classifies each named object's 3x3 "
+        "block of last-block tokens among the names' text embeddings",
         f"(`fusion_vlm.demo.stage0.train_clip`, seed {seed}). Mean loss of the last 100 "
-        f"steps {mean_tail(losses['clip']):.3f}.",
+        f"steps {mean_tail(losses['clip']):.3f}"
+        + (f" (region term {mean_tail(losses['clip_region']):.3f})." if losses.get("clip_region") else "."),
         "Stored in float16 (loading upcasts into the float32 model); the token rows of BPE tokens that never",
         "occur in the captions are 0 (they had received no gradient). Loads with `open_clip.load_checkpoint`,",
         "i.e. as `vision.pretrained`.", "",
