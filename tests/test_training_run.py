@@ -283,3 +283,27 @@ def test_two_cpu_ranks_with_torchrun(tiny_data, tmp_path):
     rows = read_metrics(tmp_path / "w2/metrics.jsonl")
     # 2 ranks x micro-batch 2 x accumulation 2 = 8 samples per step, less the corrupt one when it came up
     assert all(r["samples"] in (7, 8) for r in rows) and sum(r["samples"] for r in rows) in (15, 16)
+
+
+def test_a_world_of_one_needs_no_free_port():
+    """A world of one (not launched, or launched as one rank) meets in an in-memory store: a MASTER_PORT
+    that another process holds (or two runs racing for one port) cannot fail it with EADDRINUSE."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # taken: a TCP rendezvous on it fails
+        code = ("import torch.distributed as dist\n"
+                "from fusion_vlm.training.engine import setup_distributed\n"
+                "r = setup_distributed('cpu')\n"
+                "import torch; t = torch.ones(1); dist.all_reduce(t)\n"
+                "print(r, dist.get_backend(), float(t))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(0, 1, 0) gloo 1.0"

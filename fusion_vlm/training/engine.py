@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import torch
 
@@ -30,28 +29,29 @@ def pick_device(device: str) -> str:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed(device: str, backend: str | None = None) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (world size 1 when not launched); returns (rank, world, local_rank).
 
     Must run before anything asks DeepSpeed for its accelerator: on the CPU it
-    sets ``DS_ACCELERATOR=cpu``.
+    sets ``DS_ACCELERATOR=cpu``. A process not started by a launcher (plain
+    ``python train.py``, or training in-process) is a world of one whose ranks
+    meet in an in-memory ``HashStore``: no TCP port is picked, so two such runs
+    started at once cannot race for one.
     """
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # plain `python train.py` / in-process: a world of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
     import deepspeed
     import torch.distributed as dist
 
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend or ("nccl" if device == "cuda" else "gloo"))
+        if "RANK" not in os.environ:  # DeepSpeed reads these (and tries MPI discovery without them)
+            for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", RANK="0", WORLD_SIZE="1",
+                                   LOCAL_RANK="0").items():
+                os.environ.setdefault(key, value)
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts a group already initialised
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
