@@ -227,9 +227,11 @@ def train_clip(examples: list[Example], out_path: str | Path, steps: int = 200, 
     images, texts, regions = clip_inputs(examples, cfg.views.view_size, cfg.vision.text_context_length,
                                          max_local_views, hd_rule, crops, seed, patch, glyph_crops)
     grid = cfg.views.view_size // patch
-    names = sorted({name for rs in regions for *_, name in rs})
-    name_tokens = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.vision.text_context_length)(names)
-    head = torch.nn.Linear(9 * cfg.vision.width, cfg.vision.custom["embed_dim"]) if region_weight > 0 else None
+    head = None
+    if region_weight > 0:  # the region term's head and the names it classifies among
+        names = sorted({name for rs in regions for *_, name in rs})
+        name_tokens = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.vision.text_context_length)(names)
+        head = torch.nn.Linear(9 * cfg.vision.width, cfg.vision.custom["embed_dim"])
     trained = torch.nn.ModuleDict({"clip": model, **({"region_head": head} if head is not None else {})})
     decay = [p for p in trained.parameters() if p.ndim >= 2]
     rest = [p for p in trained.parameters() if p.ndim < 2]

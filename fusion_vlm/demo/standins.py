@@ -290,7 +290,7 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
     probe = probe_standins(out, world, seed, train=examples)
     (out / PROBE).write_text(json.dumps(probe, indent=2) + "\n")
     t_probe = time.time() - t0
-    losses = {"clip": trained["clip"]["losses"], "clip_region": trained["clip"].get("region_losses", []),
+    losses = {"clip": trained["clip"]["losses"], "clip_region": trained["clip"]["region_losses"],
               "llm": trained["llm"]["losses"]}
     (out / CARD).write_text(model_card(out, probe, preset, seed, threads, world, losses))
     if not keep_work:
