@@ -226,3 +226,24 @@ def test_fusion_vlm_builds_from_stage0_and_generates(outputs, examples):
     answers = model.generate([ex.image], [[qa.question for qa in ex.qas]], max_new_tokens=6)
     assert len(answers) == 1 and len(answers[0]) == len(ex.qas)
     assert all(isinstance(a, str) for a in answers[0])
+
+
+def test_llm_trained_in_a_parallel_process_is_the_same(tmp_path, examples, monkeypatch):
+    """run_stage0(parallel=True) trains the LLM in a spawned process beside the CLIP: same files, same losses."""
+    import json
+
+    tiny = {"clip_steps": 2, "clip_batch": 4, "llm_steps": 3, "llm_batch": 2, "llm_pack": True, "llm_text_weight": 1.0}
+    monkeypatch.setitem(stage0.PRESETS, "tiny-test", tiny)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child (threads=1)
+    try:
+        runs = [stage0.run_stage0(examples[:8], tmp_path / name, "tiny-test", parallel=parallel, progress=False)
+                for name, parallel in (("seq", False), ("par", True))]
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0]["llm"]["losses"] == runs[1]["llm"]["losses"] and len(runs[0]["llm"]["losses"]) == 3
+    a, b = (load_file(str(tmp_path / name / "llm" / "model.safetensors")) for name in ("seq", "par"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "seq/llm/tokenizer.json").read_text() == (tmp_path / "par/llm/tokenizer.json").read_text()
+    stored = json.loads((tmp_path / "par/llm" / text_llm.LOSSES_FILE).read_text())
+    assert stored["pack"] is True and stored["text_weight"] == 1.0

@@ -139,3 +139,73 @@ def test_answer_loss_covers_the_answer_and_its_closing_eos_only(examples, tok):
 def test_bad_context_mix_is_refused(examples, tmp_path):
     with pytest.raises(ValueError, match="context_mix"):
         text_llm.train_text_llm(examples, tmp_path / "x", steps=1, context_mix={"captions": 1.0}, progress=False)
+
+
+def test_answer_weights_count_each_answer_once():
+    import torch
+
+    labels = torch.tensor([[-100, 5, 6, 2, -100, -100, 7, 2, -100],
+                           [-100, -100, 9, -100, -100, -100, -100, -100, -100]])
+    weights, n = text_llm.answer_weights(labels)
+    assert n == 3
+    third, half = 1 / 3, 1 / 2
+    want = torch.tensor([[0, third, third, third, 0, 0, half, half, 0], [0, 0, 1, 0, 0, 0, 0, 0, 0]])
+    torch.testing.assert_close(weights, want.float())
+
+
+def test_text_llm_loss_matches_hugging_face_per_answer_and_per_token(examples, tok):
+    """Answer term: the mean of Hugging Face's loss over each question's answer; text term: Hugging Face's
+    loss with every real non-answer token labelled."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2)).eval()
+    described = next((ex, qa) for ex in examples for qa in ex.qas if qa.family == "description")
+    items = [(ex, qa) for ex in examples[:3] for qa in ex.qas[:2]][:5] + [described]  # answers of unequal length
+    prompts = [text_llm.question_prompt(tok, ex, qa, kind) for (ex, qa), kind in zip(items, ["scene", "none"] * 3)]
+    ids, mask, labels = text_llm._llm_batch(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        per_row = [model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], labels=labels[b:b + 1]).loss
+                   for b in range(len(prompts))]
+        text_labels = torch.where(mask.bool() & (labels == -100), ids, torch.full_like(ids, -100))
+        text = model(input_ids=ids, attention_mask=mask, labels=text_labels).loss
+        answer = text_llm.text_llm_loss(logits, ids, mask, labels)
+        both = text_llm.text_llm_loss(logits, ids, mask, labels, text_weight=0.5)
+        pooled = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # long answers weigh more here
+    torch.testing.assert_close(answer, torch.stack(per_row).mean())
+    torch.testing.assert_close(both, answer + 0.5 * text)
+    assert abs(float(pooled - answer)) > 1e-3
+
+
+def test_scene_prompt_packs_every_question_after_one_scene_context(examples, tok):
+    import torch
+
+    ex = next(e for e in examples if len(e.qas) >= 3)
+    packed = text_llm.scene_prompt(tok, ex, "scene")
+    text = tok.decode(packed.input_ids)
+    assert text.count(ex.description) == 1 and text.index(ex.description) < text.index(ex.qas[0].question)
+    assert [q.question in text for q in ex.qas] == [True] * len(ex.qas)
+    labels = torch.tensor([packed.labels])
+    _, n = text_llm.answer_weights(labels)
+    assert n == len(ex.qas)
+    # the first turn is exactly the one-question prompt of the first question
+    one = text_llm.question_prompt(tok, ex, ex.qas[0], "scene")
+    assert packed.input_ids[:len(one.input_ids)] == one.input_ids and packed.labels[:len(one.labels)] == one.labels
+    kept = [t for t in labels[0].tolist() if t != -100]
+    assert kept.count(tok.eos_token_id) == len(ex.qas)
+    answers = text_llm.scene_prompt(tok, ex, "answer")
+    assert tok.decode(answers.input_ids).count(f" {ex.qas[-1].answer}\n{ex.qas[-1].question}") == 1
+
+
+def test_packed_training_with_the_text_loss_learns_and_is_deterministic(examples, tmp_path):
+    world = WorldConfig()
+    runs = [text_llm.train_text_llm(examples, tmp_path / f"p{i}", steps=20, batch_size=4, lr=3e-3, seed=0,
+                                    context_mix={"scene": 1.0, "answer": 1.0}, world=world, pack=True,
+                                    text_weight=1.0, progress=False, **SMALL_LLM)
+            for i in range(2)]
+    losses = runs[0]["losses"]
+    assert losses == runs[1]["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses

@@ -10,6 +10,17 @@ from tqdm.auto import tqdm
 from fusion_vlm.training.engine import lr_factor
 
 
+def deterministic(threads: int = 1) -> None:
+    """Fix what decides the bits of a CPU run: ``threads`` intra-op threads, one inter-op thread,
+    ``torch.use_deterministic_algorithms(True)``."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process (it can only be set before parallel work)
+        pass
+    torch.use_deterministic_algorithms(True)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
     """Learning rate of ``step`` (0-based) of ``steps``: the training loop's schedule (linear warm-up over
     ``warmup * steps``, then cosine to 0; :func:`fusion_vlm.training.engine.lr_factor`) times ``lr``."""

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from fusion_vlm.config import ModelConfig, load_model_config
-from fusion_vlm.demo.loop import batches, optimise
-from fusion_vlm.demo.text_llm import train_text_llm
+from fusion_vlm.demo.loop import batches, deterministic, optimise
+from fusion_vlm.demo.text_llm import train_text_llm, train_tokenizer
 from fusion_vlm.demo.world import Example, WorldConfig, WorldObject
 from fusion_vlm.vision import build_clip
 from fusion_vlm.views import ViewPlan, ViewProcessor
@@ -37,13 +37,18 @@ from fusion_vlm.views import ViewPlan, ViewProcessor
 # clip_crops: object crops per image among the CLIP's pairs, clip_glyph_crops: shifted crops per glyph
 # (stage0.object_crops); clip_region: weight of the region-text term (train_clip)
 CLIP_RECIPE = {"clip_batch": 64, "clip_crops": 4, "clip_glyph_crops": 3, "clip_region": 1.0}
+# llm_batch: scenes per step (llm_pack: all of a scene's questions in one sequence), llm_text_weight: weight of the
+# next-token loss on the text that is not an answer (fusion_vlm.demo.text_llm.text_llm_loss)
+LLM_RECIPE = {"llm_batch": 8, "llm_lr": 2e-3, "llm_pack": True, "llm_text_weight": 1.0}
 PRESETS = {
     "quick": {**CLIP_RECIPE, "clip_steps": 150, "llm_steps": 300, "llm_batch": 64},
     "full": {**CLIP_RECIPE, "clip_steps": 300, "llm_steps": 600, "llm_batch": 64},
     # the stand-ins shipped with the package (fusion_vlm.demo.standins, `fusion-vlm standins make`): sized to
-    # under an hour at one thread on a 2-core CPU; "long" is the same recipe for a machine with a few hours
-    "ship": {**CLIP_RECIPE, "clip_steps": 5000, "llm_steps": 2500, "llm_batch": 64},
-    "long": {**CLIP_RECIPE, "clip_steps": 10000, "llm_steps": 10000, "llm_batch": 64},
+    # under an hour at one thread each on a 2-core CPU (the LLM trains in a process of its own: parallel); "long"
+    # is the same recipe for a machine with a few hours. The LLM: scenes packed as multi-turn chats, the
+    # next-token loss on their text beside the answers' (fusion_vlm.demo.text_llm.train_text_llm)
+    "ship": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 5000, "llm_steps": 15000},
+    "long": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 10000, "llm_steps": 45000},
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
@@ -310,25 +315,57 @@ def demo_model_config(clip_path: str | Path, llm_dir: str | Path, n_queries: int
     return cfg
 
 
+def _llm_kwargs(p: dict) -> dict:
+    """train_text_llm's recipe arguments from a PRESETS entry (``llm_*`` keys; absent ones keep its defaults)."""
+    names = {"llm_steps": "steps", "llm_batch": "batch_size", "llm_lr": "lr", "llm_pack": "pack",
+             "llm_text_weight": "text_weight", "llm_layers": "num_layers"}
+    return {arg: p[key] for key, arg in names.items() if key in p}
+
+
+def _train_llm_child(threads: int, args: tuple, kwargs: dict) -> None:
+    """Entry point of the spawned LLM process of :func:`run_stage0` (``parallel``)."""
+    deterministic(threads)
+    train_text_llm(*args, **kwargs)
+
+
 def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full", seed: int = 0,
-               world: WorldConfig | None = None, progress: bool = True) -> dict:
-    """Both stand-ins with the step counts of ``PRESETS[size]``: ``out_dir/clip.safetensors``, ``out_dir/llm/``.
+               world: WorldConfig | None = None, progress: bool = True, parallel: bool = False,
+               threads: int = 1) -> dict:
+    """Both stand-ins with the recipe of ``PRESETS[size]``: ``out_dir/clip.safetensors``, ``out_dir/llm/``.
 
     The CLIP sees the global views and the HD-``world.max_local_views`` local views of ``examples``; the
-    LLM reads the questions of fresh text-only scenes of ``world`` (default: the default world of ``seed``),
-    one per sequence, each opened by a context drawn from :data:`CONTEXT_MIX`, with the loss on the answers.
+    LLM reads fresh text-only scenes of ``world`` (default: the default world of ``seed``), each sequence
+    opened by a context drawn from :data:`CONTEXT_MIX`. With ``parallel`` the LLM trains in a spawned
+    process (``threads`` torch threads, :func:`fusion_vlm.demo.loop.deterministic`) while this one
+    trains the CLIP, so the two take the longer of their times; the files do not depend on it.
 
     Returns {"clip_path", "llm_dir", "clip": train_clip's dict, "llm": train_text_llm's dict, "seconds"}.
     """
+    import multiprocessing
+
     if size not in PRESETS:
         raise ValueError(f"size={size!r}: expected one of {sorted(PRESETS)}")
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
     world = world or WorldConfig(seed=seed)
-    clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
-                      max_local_views=world.max_local_views, hd_rule=world.hd_rule, crops=p.get("clip_crops", 0),
-                      glyph_crops=p.get("clip_glyph_crops", 0), region_weight=p.get("clip_region", 0.0),
-                      progress=progress)
-    llm = train_text_llm(examples, out_dir / "llm", p["llm_steps"], p["llm_batch"], seed=seed,
-                         context_mix=CONTEXT_MIX, world=world, progress=progress)
+    llm_args = (examples, out_dir / "llm")
+    llm_kwargs = {**_llm_kwargs(p), "seed": seed, "context_mix": CONTEXT_MIX, "world": world}
+    child = None
+    if parallel:  # the tokenizer first, here, so that the child need not be sent the images
+        train_tokenizer(examples, out_dir / "llm")
+        child = multiprocessing.get_context("spawn").Process(
+            target=_train_llm_child, args=(threads, ([], out_dir / "llm"), {**llm_kwargs, "progress": False}))
+        child.start()
+    try:
+        clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
+                          max_local_views=world.max_local_views, hd_rule=world.hd_rule,
+                          crops=p.get("clip_crops", 0), glyph_crops=p.get("clip_glyph_crops", 0),
+                          region_weight=p.get("clip_region", 0.0), progress=progress)
+    finally:
+        if child is not None:
+            child.join()
+    if child is not None and child.exitcode != 0:
+        raise RuntimeError(f"stage 0: the LLM's training process failed (exit code {child.exitcode}); "
+                           f"its traceback is above")
+    llm = train_text_llm(*llm_args, **llm_kwargs, progress=progress)  # parallel: finished, so read back
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}

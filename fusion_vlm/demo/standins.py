@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fusion_vlm.demo.loop import deterministic
+
 STANDINS_DIR = Path(__file__).with_name("standins")  # the shipped files
 CLIP_FILE = "clip.safetensors"
 LLM_DIR = "llm"
@@ -58,17 +60,6 @@ def shipped_standins() -> dict[str, Path]:
     "probe": probe.json, "dir": the folder}."""
     d = STANDINS_DIR
     return {"clip": d / CLIP_FILE, "llm": d / LLM_DIR, "card": d / CARD, "probe": d / PROBE, "dir": d}
-
-
-def deterministic(threads: int = 1) -> None:
-    """Fix what decides the bits of a CPU run: ``threads`` intra-op threads, one inter-op thread,
-    ``torch.use_deterministic_algorithms(True)``."""
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set once in this process (it can only be set before parallel work)
-        pass
-    torch.use_deterministic_algorithms(True)
 
 
 def sha256(path: str | Path) -> str:
@@ -268,7 +259,8 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
     :data:`N_TRAIN` train images of ``world`` (default: the demo world of ``seed``), export them (float16,
     unused CLIP token rows zeroed), probe them (:func:`probe_standins`) and write ``MODEL_CARD.md``.
 
-    Deterministic for (seed, preset, torch version, ``threads``): :func:`deterministic` is applied first.
+    Deterministic for (seed, preset, torch version, ``threads``): :func:`~fusion_vlm.demo.loop.deterministic`
+    is applied first (and in the LLM's process: ``run_stage0(parallel=True)``).
     Training happens in ``out_dir/.work`` (resumed when rerun, removed at the end unless ``keep_work``).
     Returns {"dir", "probe", "seconds": {"train", "probe", "total"}, "sha256": {relative path: hex}}.
     """
@@ -282,7 +274,8 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
     out, world = Path(out_dir), world or shipped_world(seed)
     work = out / ".work"
     examples = make_examples("train", N_TRAIN, world)
-    trained = stage0.run_stage0(examples, work, preset, seed=seed, world=world, progress=progress)
+    trained = stage0.run_stage0(examples, work, preset, seed=seed, world=world, progress=progress, parallel=True,
+                                threads=threads)
     t_train = time.time() - start
     _export_clip(trained["clip_path"], out / CLIP_FILE, _used_token_ids(examples, world))
     _export_llm(trained["llm_dir"], out / LLM_DIR)
@@ -343,10 +336,14 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         "## LLM (`llm/`)", "",
         f"A {layers}-layer Llama ({params['llm']:,} parameters) with a "
         "512-token byte-level BPE trained on the world's text,",
-        f"trained on TEXT ONLY for {p['llm_steps']} steps of {p['llm_batch']} questions of fresh text-only scenes, "
-        "each opened by a text context",
-        f"({', '.join(f'{k} {w:.0%}' for k, w in stage0.CONTEXT_MIX.items())}), loss on the answers "
-        f"(`fusion_vlm.demo.text_llm.train_text_llm`, seed {seed}).",
+        f"trained on TEXT ONLY for {p['llm_steps']} steps of {p['llm_batch']} "
+        + ("fresh text-only scenes, each with all its questions as one multi-turn chat"
+           if p.get("llm_pack") else "questions of fresh text-only scenes, one per sequence")
+        + f" (lr {p.get('llm_lr', 2e-3):g}), each sequence opened by a text context",
+        f"({', '.join(f'{k} {w:.0%}' for k, w in stage0.CONTEXT_MIX.items())}); loss: each answer's, counted once"
+        + (f", plus {p['llm_text_weight']:g} x the next-token loss on the rest of the text"
+           if p.get("llm_text_weight") else "")
+        + f" (`fusion_vlm.demo.text_llm.train_text_llm`, seed {seed}).",
         f"Mean loss of the last 100 steps {mean_tail(losses['llm']):.3f}. Stored in float16 "
         "(`save_pretrained`).", "",
         "## Probe figures", "",

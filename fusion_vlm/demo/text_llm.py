@@ -13,10 +13,12 @@ opens with a *text context* standing where the fused tokens will go (:func:`cont
 * ``scene``: every object of the scene in reading order (what an image caption would say);
 * ``none``: no context (the question alone).
 
-:func:`train_text_llm` trains one question per sequence, each opened by a context drawn from
-``context_mix``, with the loss on the answers, on fresh text-only scenes
-(:func:`~fusion_vlm.demo.world.make_text_example`) so that the LLM learns to read its context instead of
-memorising the train images' answers. Still no images: image content must reach the LLM through the
+:func:`train_text_llm` trains on fresh text-only scenes (:func:`~fusion_vlm.demo.world.make_text_example`)
+so that the LLM learns to read its context instead of memorising the train images' answers: one question
+per sequence, or (``pack``) all the questions of a scene as one multi-turn chat (:func:`scene_prompt`), each
+sequence opened by a context drawn from ``context_mix``. The loss (:func:`text_llm_loss`) is the answers'
+loss, each question counted once, plus (``text_weight``) the next-token loss on the rest of the text, as a
+real LLM is pretrained on all of its text. Still no images: image content must reach the LLM through the
 fused tokens later, and it stays frozen from here on.
 
 :func:`context_accuracy` (the report's context probe) measures how well the trained LLM answers from each
@@ -34,6 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fusion_vlm.demo.loop import optimise
 from fusion_vlm.demo.scoring import GRADED, description_f1, score
@@ -112,6 +115,16 @@ def question_prompt(tokenizer, example: Example, qa: QA, kind: str, with_answer:
                                      qa.answer if with_answer else None)], [n_soft])
 
 
+def scene_prompt(tokenizer, example: Example, kind: str):
+    """All the questions of ``example``, answered, as one multi-turn Llama-2 chat (a Prompt): a ``scene``
+    context opens the first turn only (later questions read it further back, as later questions read the
+    first turn's fused tokens), an ``answer`` or ``evidence`` context opens every turn with its own, ``none``
+    opens none."""
+    turns = [(context_text(example, qa, kind) if kind != "scene" or i == 0 else "") + qa.question
+             for i, qa in enumerate(example.qas)]
+    return build_prompt(tokenizer, [(q, qa.answer) for q, qa in zip(turns, example.qas)], [0] * len(turns))
+
+
 def soft_texts(example: Example, k: int) -> list[str]:
     """The k texts of a ``soft`` context, one per fused position: the scene's object phrases in reading
     order dealt round-robin into min(k, n_objects) chunks (each ", "-joined), then the whole scene for
@@ -155,33 +168,70 @@ def _llm_batch(prompts, pad_id: int):
     return ids, mask, labels
 
 
+def answer_weights(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-token weights float [B, L] that count each answer once: 1/len on every token of each maximal run
+    of labelled positions (``labels`` long [B, L], -100 elsewhere; a run is one answer and its eos), 0
+    elsewhere; and the number of runs (answers)."""
+    on = labels != -100
+    starts = on & ~F.pad(on, (1, 0))[:, :-1]  # first token of each run
+    run = torch.cumsum(starts.flatten(), 0).view_as(on) * on  # run index (1-based) of each labelled token
+    n = int(starts.sum())
+    sizes = torch.bincount(run.flatten(), minlength=n + 1).float()
+    weights = torch.where(on, 1.0 / sizes[run].clamp(min=1), torch.zeros((), dtype=torch.float))
+    return weights, n
+
+
+def text_llm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor, text_weight: float = 0.0) -> torch.Tensor:
+    """Scalar loss of a causal LM's ``logits`` float [B, L, V] on ``input_ids`` long [B, L]: the mean over
+    answers (runs of ``labels`` != -100, long [B, L]) of each answer's mean next-token cross-entropy, plus
+    ``text_weight`` times the mean next-token cross-entropy on every other real token
+    (``attention_mask`` [B, L] = 1) after the first."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:], reduction="none")  # [B, L-1]
+    weights, n = answer_weights(labels)
+    weights = weights[:, 1:]
+    loss = (ce * weights).sum() / max(n, 1)
+    if text_weight:
+        text = attention_mask[:, 1:].bool() & (weights == 0)
+        loss = loss + text_weight * ce[text].mean()
+    return loss
+
+
 def _draw_kinds(rng: random.Random, n: int, mix: dict[str, float]) -> list[str]:
     names = list(mix)
     return rng.choices(names, weights=[mix[k] for k in names], k=n)
 
 
-def _question_stream(world: WorldConfig):
-    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... of ``world``, in order."""
+def _scene_stream(world: WorldConfig):
+    """Endless fresh text-only scenes 0, 1, 2, ... of ``world`` (:func:`~fusion_vlm.demo.world.make_text_example`)."""
     i = 0
     while True:
-        ex = make_text_example(i, world)
-        yield from ((ex, qa) for qa in ex.qas)
+        yield make_text_example(i, world)
         i += 1
+
+
+def _question_stream(world: WorldConfig):
+    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... of ``world``, in order."""
+    for ex in _scene_stream(world):
+        yield from ((ex, qa) for qa in ex.qas)
 
 
 def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 200, batch_size: int = 16,
                    lr: float = 2e-3, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128,
                    num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
                    context_mix: dict[str, float] | None = None, world: WorldConfig | None = None,
-                   progress: bool = True) -> dict:
+                   pack: bool = False, text_weight: float = 0.0, progress: bool = True) -> dict:
     """Train the tokenizer (on ``examples``) then a tiny Llama on text only; ``save_pretrained`` both into
     ``out_dir``.
 
-    Each step reads ``batch_size`` questions of fresh text-only scenes of ``world`` (default: the default
-    world of ``seed``), taken in order from the scenes' question lists, each as a one-turn Llama-2 chat
-    opened by a context drawn from ``context_mix`` ({kind: weight} over :data:`TRAIN_CONTEXTS`; None = no
-    contexts). The loss is on the answers and their closing ``</s>`` only, so every training prefix up to
-    the first labelled token equals the generation prompt and greedy answers stay in format.
+    Each step reads ``batch_size`` sequences made from fresh text-only scenes of ``world`` (default: the
+    default world of ``seed``), each opened by a context drawn from ``context_mix`` ({kind: weight} over
+    :data:`TRAIN_CONTEXTS`; None = no contexts): one question per sequence (a one-turn Llama-2 chat;
+    questions taken in order from the scenes' question lists), or with ``pack`` one scene per sequence, all
+    its questions as one multi-turn chat (:func:`scene_prompt`). The loss is :func:`text_llm_loss`: the
+    answers' (each with its closing ``</s>``; every training prefix up to the first token of an answer equals
+    the generation prompt, so greedy answers stay in format), each answer counted once, plus ``text_weight``
+    times the next-token loss on the rest of the text.
     Returns {"losses": list of ``steps`` floats, "seconds", "skipped": True when ``out_dir`` already held a
     finished run (then nothing is trained and the stored losses are returned)}.
     """
@@ -206,15 +256,16 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    stream = _question_stream(world)
+    stream = _scene_stream(world) if pack else _question_stream(world)
     batches = ([next(stream) for _ in range(batch_size)] for _ in range(steps))
 
-    def loss_of(batch):  # batch: [(scene, qa)]
+    def loss_of(batch):  # batch: [scene] (pack) or [(scene, qa)]
         kinds = _draw_kinds(rng, len(batch), mix)
-        prompts = [question_prompt(tok, ex, qa, kind) for (ex, qa), kind in zip(batch, kinds)]
+        prompts = [scene_prompt(tok, item, kind) if pack else question_prompt(tok, *item, kind)
+                   for item, kind in zip(batch, kinds)]
         ids, mask, labels = _llm_batch(prompts, tok.pad_token_id)
-        embeds = model.get_input_embeddings()(ids)
-        return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return text_llm_loss(logits, ids, mask, labels, text_weight)
 
     losses = optimise(model, opt, batches, steps, lr, loss_of, "stage 0: text LLM", progress)
     model.eval()
@@ -222,8 +273,8 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     seconds = time.time() - start
-    (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "loss_on": "answers",
-                                                   "context_mix": mix, "per_question": True}))
+    (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "context_mix": mix,
+                                                   "pack": pack, "text_weight": text_weight}))
     return {"losses": losses, "seconds": seconds, "skipped": False}
 
 
