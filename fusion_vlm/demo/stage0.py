@@ -33,7 +33,8 @@ from fusion_vlm.demo.world import Example, WorldConfig, WorldObject
 from fusion_vlm.vision import build_clip
 from fusion_vlm.views import ViewPlan, ViewProcessor
 
-# step counts / batch sizes of the two demo sizes (see run_stage0)
+# stage-0 recipes (run_stage0): quick / full for a demo run that retrains the stand-ins, ship / long for
+# `fusion-vlm standins make`.
 # clip_crops: object crops per image among the CLIP's pairs, clip_glyph_crops: shifted crops per glyph
 # (stage0.object_crops); clip_region: weight of the region-text term (train_clip)
 CLIP_RECIPE = {"clip_batch": 64, "clip_crops": 4, "clip_glyph_crops": 3, "clip_region": 1.0}
@@ -318,7 +319,7 @@ def demo_model_config(clip_path: str | Path, llm_dir: str | Path, n_queries: int
 def _llm_kwargs(p: dict) -> dict:
     """train_text_llm's recipe arguments from a PRESETS entry (``llm_*`` keys; absent ones keep its defaults)."""
     names = {"llm_steps": "steps", "llm_batch": "batch_size", "llm_lr": "lr", "llm_pack": "pack",
-             "llm_text_weight": "text_weight", "llm_layers": "num_layers"}
+             "llm_text_weight": "text_weight"}
     return {arg: p[key] for key, arg in names.items() if key in p}
 
 
