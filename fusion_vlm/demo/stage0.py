@@ -348,7 +348,6 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
         raise ValueError(f"size={size!r}: expected one of {sorted(PRESETS)}")
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
     world = world or WorldConfig(seed=seed)
-    llm_args = (examples, out_dir / "llm")
     llm_kwargs = {**_llm_kwargs(p), "seed": seed, "context_mix": CONTEXT_MIX, "world": world}
     child = None
     if parallel:  # the tokenizer first, here, so that the child need not be sent the images
@@ -367,6 +366,6 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     if child is not None and child.exitcode != 0:
         raise RuntimeError(f"stage 0: the LLM's training process failed (exit code {child.exitcode}); "
                            f"its traceback is above")
-    llm = train_text_llm(*llm_args, **llm_kwargs, progress=progress)  # parallel: finished, so read back
+    llm = train_text_llm(examples, out_dir / "llm", **llm_kwargs, progress=progress)  # parallel: read back
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}
