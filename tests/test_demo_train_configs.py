@@ -19,3 +19,4 @@ def test_stages_ask_questions_independently_draw_n_and_stage3_keeps_the_files(tm
     assert s3.data.files == s2.data.files == [str(data / "train.jsonl")] and s3.data.image_root == str(data)
     assert (s3.data.fraction, s3.data.fraction_seed, s2.data.fraction) == (0.5, 7, 1.0)
     assert s3.n_queries == 4 and s2.n_queries is None
+    assert s1.engine.deterministic and s2.engine.deterministic and s3.engine.deterministic  # same bits under load

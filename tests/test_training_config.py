@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusion_vlm.cli import build_parser
 from fusion_vlm.schema import ConfigError, overrides_from_namespace
@@ -169,3 +170,25 @@ def test_sweep_script_covers_the_paper_list(tmp_path):
                 for q in ("true", "false") if (n, q) != ("8", "true")]
     assert pairs == expected and all(a[-2:] == ["--seed", "1"] for a in runs)
     assert "n8_question done, skipping" in r.stdout
+
+
+def test_deterministic_algorithms_block_restores_the_setting(monkeypatch):
+    from fusion_vlm.training.engine import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # off: nothing touched
+    with pytest.raises(KeyError):
+        with deterministic_algorithms(True):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            raise KeyError("inside")
+    assert not torch.are_deterministic_algorithms_enabled()  # restored on the way out of an error too
+    torch.use_deterministic_algorithms(True)
+    try:
+        with deterministic_algorithms(True):
+            pass
+        assert torch.are_deterministic_algorithms_enabled()  # a setting that was on stays on
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -75,6 +75,24 @@ def test_three_stages_through_the_cli(tiny_data, tmp_path, capsys):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_engine_deterministic_holds_for_the_run_only(tiny_data, tmp_path, monkeypatch, on):
+    from fusion_vlm.model import FusionVLM
+
+    seen, forward = [], FusionVLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusionVLM, "forward", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(cfg_for("tiny_stage1", tiny_data, tmp_path / "run", "max_steps=2", "checkpoint.every=0",
+                  f"engine.deterministic={str(on).lower()}"))
+    assert len(seen) >= 2 and set(seen) == {on}  # every training forward ran with the setting
+    assert not torch.are_deterministic_algorithms_enabled()  # and it is restored afterwards
+
+
 def test_optimizer_holds_only_trainable_parameters(tiny_data, tmp_path):
     result = train(cfg_for("tiny_stage2", tiny_data, tmp_path / "run", "init_from=null", "max_steps=1",
                            "checkpoint.every=0"))

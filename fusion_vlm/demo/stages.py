@@ -46,7 +46,9 @@ def stage_train_config(stage: str, out: Path, data_dir: Path, size, steps: int, 
         "optim": {"lr": size.lr, "warmup_ratio": settings.warmup_ratio, "lr_scale": dict(settings.lr_scale)},
         # stages 1-2 draw N from the sweep per micro-batch (one fusion for every N); stage 3 fixes it
         "n_queries_choices": [] if "n_queries" in extra else list(size.n_values),
-        "engine": {"device": "cpu"},
+        # deterministic kernels: a rerun gives the same bits even when other processes share the CPU (without them
+        # two runs drifted apart within a few steps under load)
+        "engine": {"device": "cpu", "deterministic": True},
         "checkpoint": {"every": 0, "keep_last": 1},
         "logging": {"wandb_mode": "disabled", "progress_bar": True},
         **extra,

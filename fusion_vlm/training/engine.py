@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -56,6 +58,25 @@ def setup_distributed(device: str, backend: str | None = None) -> tuple[int, int
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+@contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Within the block, ``torch.use_deterministic_algorithms(on)`` (the setting before it is restored after).
+
+    On a GPU, cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for deterministic matmuls; it is set to ``:4096:8``
+    when unset (before the first cuBLAS call of the process). ``on=False`` leaves everything as it is.
+    """
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0) -> float:

@@ -30,8 +30,8 @@ from fusion_vlm.training import checkpoint as ckpt
 from fusion_vlm.training.batches import Collator, ResumableBatchSampler, SampleDataset
 from fusion_vlm.training.config import TrainConfig
 from fusion_vlm.training.data import SkipCounter, load_llava
-from fusion_vlm.training.engine import (build_engine, current_lr, optimizer_param_ids, pick_device,
-                                        setup_distributed)
+from fusion_vlm.training.engine import (build_engine, current_lr, deterministic_algorithms, optimizer_param_ids,
+                                        pick_device, setup_distributed)
 from fusion_vlm.training.metrics import MetricsLogger
 from fusion_vlm.training.state import StepTotals, TrainerState
 
@@ -139,7 +139,16 @@ def _zero_loss(params) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one training stage described by ``cfg``; returns a :class:`TrainResult`."""
+    """Run one training stage described by ``cfg``; returns a :class:`TrainResult`.
+
+    With ``engine.deterministic`` the run uses torch's deterministic algorithms
+    (:func:`~fusion_vlm.training.engine.deterministic_algorithms`).
+    """
+    with deterministic_algorithms(cfg.engine.deterministic):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     device = pick_device(cfg.engine.device)
     rank, world, local_rank = setup_distributed(device, cfg.engine.dist_backend)
     out = Path(cfg.output_dir)
