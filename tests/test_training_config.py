@@ -173,6 +173,8 @@ def test_sweep_script_covers_the_paper_list(tmp_path):
 
 
 def test_deterministic_algorithms_block_restores_the_setting(monkeypatch):
+    import torch.utils.deterministic
+
     from fusion_vlm.training.engine import deterministic_algorithms
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
@@ -182,9 +184,11 @@ def test_deterministic_algorithms_block_restores_the_setting(monkeypatch):
     with pytest.raises(KeyError):
         with deterministic_algorithms(True):
             assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.utils.deterministic.fill_uninitialized_memory  # no NaN fill of every new tensor
             assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
             raise KeyError("inside")
     assert not torch.are_deterministic_algorithms_enabled()  # restored on the way out of an error too
+    assert torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     try:
         with deterministic_algorithms(True):

@@ -62,7 +62,9 @@ def setup_distributed(device: str, backend: str | None = None) -> tuple[int, int
 
 @contextmanager
 def deterministic_algorithms(on: bool) -> Iterator[None]:
-    """Within the block, ``torch.use_deterministic_algorithms(on)`` (the setting before it is restored after).
+    """Within the block, ``torch.use_deterministic_algorithms(on)`` without filling new tensors with NaN
+    (``torch.utils.deterministic.fill_uninitialized_memory``, on by default with it, slowed the CPU demo's
+    training 2.6x); both settings are restored after.
 
     On a GPU, cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for deterministic matmuls; it is set to ``:4096:8``
     when unset (before the first cuBLAS call of the process). ``on=False`` leaves everything as it is.
@@ -70,13 +72,17 @@ def deterministic_algorithms(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    before = torch.are_deterministic_algorithms_enabled()
+    import torch.utils.deterministic as det
+
+    before, fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+        det.fill_uninitialized_memory = fill
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0) -> float:
