@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (first run: a few minutes) and run the main job on the CPU: the demo
-# (11-20 minutes; --quick 4-5). Extra arguments go to `fusion-vlm demo`, e.g. --quick,
+# (10-20 minutes; --quick 4-5). Extra arguments go to `fusion-vlm demo`, e.g. --quick,
 # --config quick|full|PATH (configs/demo/), --set stage1.steps=50, --seed 1 or --out DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
