@@ -64,7 +64,7 @@ class EngineConfig:
     dist_backend: str | None = None  # torch.distributed backend; null = nccl on GPU, gloo on CPU
     torch_optimizer: bool | None = None  # pass a torch.optim.AdamW to DeepSpeed; null = on CPU only (its fused CPU Adam needs a C++ build)
     # torch.use_deterministic_algorithms(True) for the run (and CUBLAS_WORKSPACE_CONFIG on a GPU): reruns give the
-    # same bits even when other processes share the CPU, at some speed cost; false = torch's default kernels
+    # same bits even when other processes share the CPU; some GPU kernels are slower; false = torch's default kernels
     deterministic: bool = False
 
 
