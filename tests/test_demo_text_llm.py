@@ -155,7 +155,7 @@ def test_answer_weights_count_each_answer_once():
 
 def test_text_llm_loss_matches_hugging_face_per_answer_and_per_token(examples, tok):
     """Answer term: the mean of Hugging Face's loss over each question's answer; text term: Hugging Face's
-    loss with every real non-answer token labelled."""
+    loss with every real token labelled, answers included."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -170,7 +170,7 @@ def test_text_llm_loss_matches_hugging_face_per_answer_and_per_token(examples, t
         logits = model(input_ids=ids, attention_mask=mask).logits
         per_row = [model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], labels=labels[b:b + 1]).loss
                    for b in range(len(prompts))]
-        text_labels = torch.where(mask.bool() & (labels == -100), ids, torch.full_like(ids, -100))
+        text_labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
         text = model(input_ids=ids, attention_mask=mask, labels=text_labels).loss
         answer = text_llm.text_llm_loss(logits, ids, mask, labels)
         both = text_llm.text_llm_loss(logits, ids, mask, labels, text_weight=0.5)
@@ -209,3 +209,31 @@ def test_packed_training_with_the_text_loss_learns_and_is_deterministic(examples
     losses = runs[0]["losses"]
     assert losses == runs[1]["losses"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+
+
+@pytest.mark.parametrize("describe", [1.0, 0.0])
+def test_describe_sets_how_often_a_text_scene_is_described(examples, tmp_path, monkeypatch, describe):
+    """``describe`` replaces the world's description_prob for the text scenes: every scene asks for its
+    description at 1.0, none at 0.0 (the world's own is 0.25); the stored recipe records it."""
+    import json
+
+    seen = []
+    original = text_llm.scene_prompt
+
+    def spy(tok, example, kind):
+        seen.append(example)
+        return original(tok, example, kind)
+
+    monkeypatch.setattr(text_llm, "scene_prompt", spy)
+    text_llm.train_text_llm(examples, tmp_path / "d", steps=2, batch_size=6, seed=0, context_mix={"scene": 1.0},
+                            world=WorldConfig(), pack=True, describe=describe, progress=False, **SMALL_LLM)
+    described = [any(qa.family == "description" for qa in ex.qas) for ex in seen]
+    assert len(described) == 12 and described == [describe == 1.0] * 12
+    stored = json.loads((tmp_path / "d" / text_llm.LOSSES_FILE).read_text())
+    assert stored["description_prob"] == describe
+
+
+def test_bad_describe_is_refused(examples, tmp_path):
+    with pytest.raises(ValueError, match="describe=1.5"):
+        text_llm.train_text_llm(examples, tmp_path / "x", steps=1, describe=1.5, progress=False)
+

@@ -39,8 +39,9 @@ from fusion_vlm.views import ViewPlan, ViewProcessor
 # (stage0.object_crops); clip_region: weight of the region-text term (train_clip)
 CLIP_RECIPE = {"clip_batch": 64, "clip_crops": 4, "clip_glyph_crops": 3, "clip_region": 1.0}
 # llm_batch: scenes per step (llm_pack: all of a scene's questions in one sequence), llm_text_weight: weight of the
-# next-token loss on the text that is not an answer (fusion_vlm.demo.text_llm.text_llm_loss)
-LLM_RECIPE = {"llm_batch": 8, "llm_lr": 2e-3, "llm_pack": True, "llm_text_weight": 1.0}
+# next-token loss on all the text (fusion_vlm.demo.text_llm.text_llm_loss), llm_describe: chance that a text
+# scene's questions include its description (a copy of the scene; the world's description_prob otherwise)
+LLM_RECIPE = {"llm_batch": 8, "llm_lr": 2e-3, "llm_pack": True, "llm_text_weight": 1.0, "llm_describe": 1.0}
 PRESETS = {
     "quick": {**CLIP_RECIPE, "clip_steps": 150, "llm_steps": 300, "llm_batch": 64},
     "full": {**CLIP_RECIPE, "clip_steps": 300, "llm_steps": 600, "llm_batch": 64},
@@ -319,7 +320,7 @@ def demo_model_config(clip_path: str | Path, llm_dir: str | Path, n_queries: int
 def _llm_kwargs(p: dict) -> dict:
     """train_text_llm's recipe arguments from a PRESETS entry (``llm_*`` keys; absent ones keep its defaults)."""
     names = {"llm_steps": "steps", "llm_batch": "batch_size", "llm_lr": "lr", "llm_pack": "pack",
-             "llm_text_weight": "text_weight"}
+             "llm_text_weight": "text_weight", "llm_describe": "describe"}
     return {arg: p[key] for key, arg in names.items() if key in p}
 
 

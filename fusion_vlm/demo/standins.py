@@ -339,9 +339,11 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         f"trained on TEXT ONLY for {p['llm_steps']} steps of {p['llm_batch']} "
         + ("fresh text-only scenes, each with all its questions as one multi-turn chat"
            if p.get("llm_pack") else "questions of fresh text-only scenes, one per sequence")
+        + (f", the description among them in {p['llm_describe']:.0%} of the scenes"
+           if p.get("llm_describe") is not None else "")
         + f" (lr {p.get('llm_lr', 2e-3):g}), each sequence opened by a text context",
         f"({', '.join(f'{k} {w:.0%}' for k, w in stage0.CONTEXT_MIX.items())}); loss: each answer's, counted once"
-        + (f", plus {p['llm_text_weight']:g} x the next-token loss on the rest of the text"
+        + (f", plus {p['llm_text_weight']:g} x the next-token loss on all the text, answers included"
            if p.get("llm_text_weight") else "")
         + f" (`fusion_vlm.demo.text_llm.train_text_llm`, seed {seed}).",
         f"Mean loss of the last 100 steps {mean_tail(losses['llm']):.3f}. Stored in float16 "

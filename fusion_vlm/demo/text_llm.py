@@ -17,9 +17,9 @@ opens with a *text context* standing where the fused tokens will go (:func:`cont
 so that the LLM learns to read its context instead of memorising the train images' answers: one question
 per sequence, or (``pack``) all the questions of a scene as one multi-turn chat (:func:`scene_prompt`), each
 sequence opened by a context drawn from ``context_mix``. The loss (:func:`text_llm_loss`) is the answers'
-loss, each question counted once, plus (``text_weight``) the next-token loss on the rest of the text, as a
-real LLM is pretrained on all of its text. Still no images: image content must reach the LLM through the
-fused tokens later, and it stays frozen from here on.
+loss, each question counted once, plus (``text_weight``) the next-token loss on all of the text, answers
+included, as a real LLM is pretrained on all of its text. Still no images: image content must reach the LLM
+through the fused tokens later, and it stays frozen from here on.
 
 :func:`context_accuracy` (the report's context probe) measures how well the trained LLM answers from each
 kind of context, and from one more, ``soft``: k fused positions that hold no token but the mean input
@@ -29,6 +29,7 @@ vector-valued context, the form the fused tokens will have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -185,15 +186,14 @@ def text_llm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask:
                   labels: torch.Tensor, text_weight: float = 0.0) -> torch.Tensor:
     """Scalar loss of a causal LM's ``logits`` float [B, L, V] on ``input_ids`` long [B, L]: the mean over
     answers (runs of ``labels`` != -100, long [B, L]) of each answer's mean next-token cross-entropy, plus
-    ``text_weight`` times the mean next-token cross-entropy on every other real token
-    (``attention_mask`` [B, L] = 1) after the first."""
+    ``text_weight`` times the mean next-token cross-entropy on every real token (``attention_mask`` [B, L]
+    = 1) after the first, answers included (so a long answer, such as a description copied from the
+    context, is also learnt token by token)."""
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:], reduction="none")  # [B, L-1]
     weights, n = answer_weights(labels)
-    weights = weights[:, 1:]
-    loss = (ce * weights).sum() / max(n, 1)
+    loss = (ce * weights[:, 1:]).sum() / max(n, 1)
     if text_weight:
-        text = attention_mask[:, 1:].bool() & (weights == 0)
-        loss = loss + text_weight * ce[text].mean()
+        loss = loss + text_weight * ce[attention_mask[:, 1:].bool()].mean()
     return loss
 
 
@@ -220,18 +220,20 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                    lr: float = 2e-3, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128,
                    num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
                    context_mix: dict[str, float] | None = None, world: WorldConfig | None = None,
-                   pack: bool = False, text_weight: float = 0.0, progress: bool = True) -> dict:
+                   pack: bool = False, text_weight: float = 0.0, describe: float | None = None,
+                   progress: bool = True) -> dict:
     """Train the tokenizer (on ``examples``) then a tiny Llama on text only; ``save_pretrained`` both into
     ``out_dir``.
 
     Each step reads ``batch_size`` sequences made from fresh text-only scenes of ``world`` (default: the
-    default world of ``seed``), each opened by a context drawn from ``context_mix`` ({kind: weight} over
-    :data:`TRAIN_CONTEXTS`; None = no contexts): one question per sequence (a one-turn Llama-2 chat;
-    questions taken in order from the scenes' question lists), or with ``pack`` one scene per sequence, all
+    default world of ``seed``; ``describe``, when given, replaces its ``description_prob``: the chance that a
+    scene's questions include the description, which copies the scene), each opened by a context drawn from
+    ``context_mix`` ({kind: weight} over :data:`TRAIN_CONTEXTS`; None = no contexts): one question per
+    sequence (a one-turn Llama-2 chat; questions taken in order from the scenes' question lists), or with ``pack`` one scene per sequence, all
     its questions as one multi-turn chat (:func:`scene_prompt`). The loss is :func:`text_llm_loss`: the
     answers' (each with its closing ``</s>``; every training prefix up to the first token of an answer equals
     the generation prompt, so greedy answers stay in format), each answer counted once, plus ``text_weight``
-    times the next-token loss on the rest of the text.
+    times the next-token loss on all of the text.
     Returns {"losses": list of ``steps`` floats, "seconds", "skipped": True when ``out_dir`` already held a
     finished run (then nothing is trained and the stored losses are returned)}.
     """
@@ -242,6 +244,10 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
         raise ValueError(f"context_mix={context_mix!r}: expected weights > 0 over {TRAIN_CONTEXTS} (the text "
                          f"contexts; 'soft' is read by the context probe only)")
     world = world or WorldConfig(seed=seed)
+    if describe is not None:
+        if not 0.0 <= describe <= 1.0:
+            raise ValueError(f"describe={describe!r}: expected a probability in [0, 1]")
+        world = dataclasses.replace(world, description_prob=describe)
     out_dir = Path(out_dir)
     if (out_dir / LOSSES_FILE).is_file():
         stored = json.loads((out_dir / LOSSES_FILE).read_text())
@@ -274,7 +280,8 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     tok.save_pretrained(out_dir)
     seconds = time.time() - start
     (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "context_mix": mix,
-                                                   "pack": pack, "text_weight": text_weight}))
+                                                   "pack": pack, "text_weight": text_weight,
+                                                   "description_prob": world.description_prob}))
     return {"losses": losses, "seconds": seconds, "skipped": False}
 
 
