@@ -236,4 +236,3 @@ def test_describe_sets_how_often_a_text_scene_is_described(examples, tmp_path, m
 def test_bad_describe_is_refused(examples, tmp_path):
     with pytest.raises(ValueError, match="describe=1.5"):
         text_llm.train_text_llm(examples, tmp_path / "x", steps=1, describe=1.5, progress=False)
-
