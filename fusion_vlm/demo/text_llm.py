@@ -230,10 +230,10 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     scene's questions include the description, which copies the scene), each opened by a context drawn from
     ``context_mix`` ({kind: weight} over :data:`TRAIN_CONTEXTS`; None = no contexts): one question per
     sequence (a one-turn Llama-2 chat; questions taken in order from the scenes' question lists), or with
-    ``pack`` one scene per sequence, all its questions as one multi-turn chat (:func:`scene_prompt`). The loss is :func:`text_llm_loss`: the
-    answers' (each with its closing ``</s>``; every training prefix up to the first token of an answer equals
-    the generation prompt, so greedy answers stay in format), each answer counted once, plus ``text_weight``
-    times the next-token loss on all of the text.
+    ``pack`` one scene per sequence, all its questions as one multi-turn chat (:func:`scene_prompt`). The
+    loss is :func:`text_llm_loss`: the answers' (each with its closing ``</s>``; every training prefix up to
+    the first token of an answer equals the generation prompt, so greedy answers stay in format), each
+    answer counted once, plus ``text_weight`` times the next-token loss on all of the text.
     Returns {"losses": list of ``steps`` floats, "seconds", "skipped": True when ``out_dir`` already held a
     finished run (then nothing is trained and the stored losses are returned)}.
     """
