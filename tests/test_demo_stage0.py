@@ -232,7 +232,8 @@ def test_llm_trained_in_a_parallel_process_is_the_same(tmp_path, examples, monke
     """run_stage0(parallel=True) trains the LLM in a spawned process beside the CLIP: same files, same losses."""
     import json
 
-    tiny = {"clip_steps": 2, "clip_batch": 4, "llm_steps": 3, "llm_batch": 2, "llm_pack": True, "llm_text_weight": 1.0}
+    tiny = {"clip_steps": 2, "clip_batch": 4, "llm_steps": 3, "llm_batch": 2, "llm_pack": True, "llm_text_weight": 1.0,
+            "llm_curriculum": ({"steps": 2, "families": ("existence",)},)}
     monkeypatch.setitem(stage0.PRESETS, "tiny-test", tiny)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the child (threads=1)
@@ -241,9 +242,35 @@ def test_llm_trained_in_a_parallel_process_is_the_same(tmp_path, examples, monke
                 for name, parallel in (("seq", False), ("par", True))]
     finally:
         torch.set_num_threads(threads)
-    assert runs[0]["llm"]["losses"] == runs[1]["llm"]["losses"] and len(runs[0]["llm"]["losses"]) == 3
+    assert runs[0]["llm"]["losses"] == runs[1]["llm"]["losses"] and len(runs[0]["llm"]["losses"]) == 3 + 2
     a, b = (load_file(str(tmp_path / name / "llm" / "model.safetensors")) for name in ("seq", "par"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "seq/llm/tokenizer.json").read_text() == (tmp_path / "par/llm/tokenizer.json").read_text()
     stored = json.loads((tmp_path / "par/llm" / text_llm.LOSSES_FILE).read_text())
     assert stored["pack"] is True and stored["text_weight"] == 1.0
+
+
+def test_curriculum_phases_chain_and_continuing_from_an_export_equals_the_whole(tmp_path, examples):
+    """train_llm trains each phase from the previous one on later scenes; the last ends in llm_dir. Its last
+    phase, rerun from the float16 export of the phase before (as shipped), gives the same weights."""
+    import json
+
+    from fusion_vlm.demo.standins import _export_llm
+
+    kwargs = dict(steps=3, batch_size=2, lr=3e-3, context_mix={"scene": 1.0}, pack=True, text_weight=1.0,
+                  progress=False, **SMALL_LLM)
+    curriculum = ({"steps": 2, "families": ("existence",)}, {"steps": 2, "lr": 1e-3})
+    out = stage0.train_llm(examples[:8], tmp_path / "llm", kwargs, curriculum)
+    dirs = stage0.llm_phase_dirs(tmp_path / "llm", curriculum)
+    assert [d.name for d in dirs] == ["llm-phase0", "llm-phase1", "llm"]
+    assert [len(r["losses"]) for r in out["phases"]] == [3, 2, 2] and len(out["losses"]) == 7
+    stored = [json.loads((d / text_llm.LOSSES_FILE).read_text()) for d in dirs]
+    assert [s["first_scene"] for s in stored] == [0, 6, 10] and [s["init"] for s in stored] == [False, True, True]
+    assert stored[1]["families"] == ["existence"] and stored[2]["lr"] == 1e-3
+    assert stored[2]["families"] == list(stored[0]["families"])
+    _export_llm(dirs[1], tmp_path / "shipped")
+    text_llm.train_text_llm([], tmp_path / "again", **{**kwargs, **curriculum[1]}, init=tmp_path / "shipped",
+                            first_scene=10)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (dirs[2], tmp_path / "again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert stage0.train_llm(examples[:8], tmp_path / "llm", kwargs, curriculum)["skipped"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fusion_vlm.demo import text_llm
 from fusion_vlm.demo.world import WorldConfig, make_examples, make_text_example
@@ -236,3 +237,49 @@ def test_describe_sets_how_often_a_text_scene_is_described(examples, tmp_path, m
 def test_bad_describe_is_refused(examples, tmp_path):
     with pytest.raises(ValueError, match="describe=1.5"):
         text_llm.train_text_llm(examples, tmp_path / "x", steps=1, describe=1.5, progress=False)
+
+
+def test_init_continues_from_the_float16_rounding_of_a_trained_llm(examples, tmp_path):
+    """``init`` starts from a trained LLM's weights rounded to float16 and keeps its tokenizer: with lr 0
+    nothing moves, so the saved model is exactly that rounding."""
+    import json
+
+    from safetensors.torch import load_file
+
+    kw = dict(steps=3, batch_size=4, context_mix={"scene": 1.0}, world=WorldConfig(), pack=True, progress=False)
+    text_llm.train_text_llm(examples, tmp_path / "a", lr=3e-3, **kw, **SMALL_LLM)
+    text_llm.train_text_llm([], tmp_path / "b", lr=0.0, init=tmp_path / "a", first_scene=12, **kw)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].half().float(), b[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the rounding did happen (a is float32)
+    assert (tmp_path / "a/tokenizer.json").read_text() == (tmp_path / "b/tokenizer.json").read_text()
+    stored = json.loads((tmp_path / "b" / text_llm.LOSSES_FILE).read_text())
+    assert stored["init"] is True and stored["first_scene"] == 12 and stored["lr"] == 0.0
+
+
+def test_families_and_first_scene_choose_the_text_scenes(examples, tmp_path, monkeypatch):
+    """``families`` replaces the world's question families and the scenes start at ``first_scene``."""
+    seen = []
+    original = text_llm.scene_prompt
+
+    def spy(tok, example, kind):
+        seen.append(example)
+        return original(tok, example, kind)
+
+    monkeypatch.setattr(text_llm, "scene_prompt", spy)
+    text_llm.train_text_llm(examples, tmp_path / "f", steps=2, batch_size=3, seed=0, context_mix={"scene": 1.0},
+                            world=WorldConfig(), pack=True, describe=0.0, families=("existence",), first_scene=5,
+                            progress=False, **SMALL_LLM)
+    assert [ex.id for ex in seen] == [f"text-{i:06d}" for i in range(5, 11)]
+    assert {qa.family for ex in seen for qa in ex.qas} == {"existence"}
+    assert [qa.question for qa in seen[0].qas] != [qa.question for qa in make_text_example(5, WorldConfig()).qas]
+
+
+@pytest.mark.parametrize("bad, match", [({"families": ("colour",)}, "families=\\('colour',\\)"),
+                                        ({"families": ()}, "families=\\(\\)"),
+                                        ({"init": "nowhere"}, "init='nowhere': not an LLM directory"),
+                                        ({"first_scene": -1}, "first_scene=-1")])
+def test_bad_phase_arguments_are_refused(examples, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        text_llm.train_text_llm(examples, tmp_path / "x", steps=1, progress=False, **bad)

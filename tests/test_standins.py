@@ -148,3 +148,13 @@ def test_export_clip_stores_float16_and_zeroes_only_the_unused_token_rows(tmp_pa
     assert torch.equal(out["token_embedding.weight"][[1, 4]], table[[1, 4]].half())
     assert not out["token_embedding.weight"][[0, 2, 3, 5]].any()
     assert torch.equal(out["logit_scale"], other.half())
+
+
+def test_model_card_states_each_curriculum_phase_and_its_final_loss():
+    curriculum = ({"steps": 4, "lr": 1e-3, "families": ("existence", "description"), "context_mix": {"scene": 1.0}},
+                  {"steps": 2})
+    lines = standins._curriculum_lines(curriculum, [[9.0] * 150 + [1.0] * 100, [5.0, 3.0, 1.0, 2.0], [0.5, 0.25]], 2e-3)
+    assert lines[1] == "(1) 4 steps, lr 0.001, questions of the families existence, description only, contexts scene 100%;"
+    assert lines[2] == "(2) 2 steps, lr 0.002, questions of every family, contexts as above;"
+    assert lines[3] == "Mean loss of the last 100 steps of each phase 1.000 / 2.750 / 0.375."
+    assert standins._curriculum_lines((), [[2.0, 4.0]], 2e-3) == ["Mean loss of the last 100 steps 3.000."]

@@ -42,15 +42,22 @@ CLIP_RECIPE = {"clip_batch": 64, "clip_crops": 4, "clip_glyph_crops": 3, "clip_r
 # next-token loss on all the text (fusion_vlm.demo.text_llm.text_llm_loss), llm_describe: chance that a text
 # scene's questions include its description (a copy of the scene; the world's description_prob otherwise)
 LLM_RECIPE = {"llm_batch": 8, "llm_lr": 2e-3, "llm_pack": True, "llm_text_weight": 1.0, "llm_describe": 1.0}
+# the later phases of the shipped LLM's curriculum (train_llm), each {train_text_llm argument: value} over the
+# recipe above: after llm_steps the LLM answers existence by a shortcut (yes when the colour and the shape are
+# each frequent in the scene); existence questions alone, read from the scene, make it bind a colour to its
+# shape; the mixed recipe again brings the other families back (docs/demo.md, "Why each choice")
+LLM_CURRICULUM = ({"steps": 4000, "lr": 1e-3, "families": ("existence", "description"), "context_mix": {"scene": 1.0}},
+                  {"steps": 4000, "lr": 5e-4})
 PRESETS = {
     "quick": {**CLIP_RECIPE, "clip_steps": 150, "llm_steps": 300, "llm_batch": 64},
     "full": {**CLIP_RECIPE, "clip_steps": 300, "llm_steps": 600, "llm_batch": 64},
     # the stand-ins shipped with the package (fusion_vlm.demo.standins, `fusion-vlm standins make`): sized to
-    # under an hour at one thread each on a 2-core CPU (the LLM trains in a process of its own: parallel); "long"
-    # is the same recipe for a machine with a few hours. The LLM: scenes packed as multi-turn chats, the
-    # next-token loss on their text beside the answers' (fusion_vlm.demo.text_llm.train_text_llm)
-    "ship": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 5000, "llm_steps": 15000},
-    "long": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 10000, "llm_steps": 45000},
+    # about 75 minutes at one thread each on a 2-core CPU (the LLM trains in a process of its own: parallel);
+    # "long" is the same recipe for a machine with a few hours. The LLM: scenes packed as multi-turn chats, the
+    # next-token loss on their text beside the answers' (fusion_vlm.demo.text_llm.train_text_llm), then the
+    # later phases of LLM_CURRICULUM
+    "ship": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 5000, "llm_steps": 15000, "llm_curriculum": LLM_CURRICULUM},
+    "long": {**CLIP_RECIPE, **LLM_RECIPE, "clip_steps": 10000, "llm_steps": 45000, "llm_curriculum": LLM_CURRICULUM},
 }
 # contexts opening the stage-0 LLM's questions (fusion_vlm.demo.text_llm): what a question-fused prefix
 # would say (the answer), what a caption would say (the scene), or nothing (so that the LLM keeps the answer
@@ -324,10 +331,36 @@ def _llm_kwargs(p: dict) -> dict:
     return {arg: p[key] for key, arg in names.items() if key in p}
 
 
+def llm_phase_dirs(llm_dir: str | Path, curriculum=()) -> list[Path]:
+    """Where :func:`train_llm` trains each phase: ``llm_dir`` for the last, ``<llm_dir>-phase<k>`` before it."""
+    llm_dir = Path(llm_dir)
+    return [llm_dir.with_name(f"{llm_dir.name}-phase{k}") for k in range(len(curriculum))] + [llm_dir]
+
+
+def train_llm(examples: list[Example], llm_dir: str | Path, kwargs: dict, curriculum=()) -> dict:
+    """``train_text_llm(examples, ..., **kwargs)``, then each phase of ``curriculum`` (a sequence of
+    {train_text_llm argument: value}, applied over ``kwargs``) from the previous phase's model and on the
+    scenes after those it read (``init``, ``first_scene``); the last phase's model ends in ``llm_dir``
+    (:func:`llm_phase_dirs`). Each phase resumes like train_text_llm (a finished phase is read back).
+
+    Returns train_text_llm's dict over the whole curriculum ("losses": every phase's, in order; "seconds":
+    their sum; "skipped": every phase was) plus "phases": each phase's own dict.
+    """
+    dirs, phases, first, init = llm_phase_dirs(llm_dir, curriculum), [], 0, None
+    for k, (d, phase) in enumerate(zip(dirs, [{}, *curriculum])):
+        args = {**kwargs, **phase}
+        if k:
+            args.update(init=init, first_scene=first)
+        phases.append(train_text_llm(examples, d, **args))
+        first, init = first + args.get("steps", 200) * args.get("batch_size", 16), d
+    return {"losses": [x for r in phases for x in r["losses"]], "seconds": sum(r["seconds"] for r in phases),
+            "skipped": all(r["skipped"] for r in phases), "phases": phases}
+
+
 def _train_llm_child(threads: int, args: tuple, kwargs: dict) -> None:
     """Entry point of the spawned LLM process of :func:`run_stage0` (``parallel``)."""
     deterministic(threads)
-    train_text_llm(*args, **kwargs)
+    train_llm(*args, **kwargs)
 
 
 def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full", seed: int = 0,
@@ -337,11 +370,12 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
 
     The CLIP sees the global views and the HD-``world.max_local_views`` local views of ``examples``; the
     LLM reads fresh text-only scenes of ``world`` (default: the default world of ``seed``), each sequence
-    opened by a context drawn from :data:`CONTEXT_MIX`. With ``parallel`` the LLM trains in a spawned
+    opened by a context drawn from :data:`CONTEXT_MIX`, then through the phases of the preset's
+    ``llm_curriculum`` (:func:`train_llm`). With ``parallel`` the LLM trains in a spawned
     process (``threads`` torch threads, :func:`fusion_vlm.demo.loop.deterministic`) while this one
     trains the CLIP, so the two take the longer of their times; the files do not depend on it.
 
-    Returns {"clip_path", "llm_dir", "clip": train_clip's dict, "llm": train_text_llm's dict, "seconds"}.
+    Returns {"clip_path", "llm_dir", "clip": train_clip's dict, "llm": train_llm's dict, "seconds"}.
     """
     import multiprocessing
 
@@ -350,11 +384,13 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     p, out_dir, start = PRESETS[size], Path(out_dir), time.time()
     world = world or WorldConfig(seed=seed)
     llm_kwargs = {**_llm_kwargs(p), "seed": seed, "context_mix": CONTEXT_MIX, "world": world}
+    curriculum = p.get("llm_curriculum", ())
     child = None
     if parallel:  # the tokenizer first, here, so that the child need not be sent the images
-        train_tokenizer(examples, out_dir / "llm")
+        train_tokenizer(examples, llm_phase_dirs(out_dir / "llm", curriculum)[0])
         child = multiprocessing.get_context("spawn").Process(
-            target=_train_llm_child, args=(threads, ([], out_dir / "llm"), {**llm_kwargs, "progress": False}))
+            target=_train_llm_child,
+            args=(threads, ([], out_dir / "llm", {**llm_kwargs, "progress": False}, curriculum), {}))
         child.start()
     try:
         clip = train_clip(examples, out_dir / "clip.safetensors", p["clip_steps"], p["clip_batch"], seed=seed,
@@ -367,6 +403,6 @@ def run_stage0(examples: list[Example], out_dir: str | Path, size: str = "full",
     if child is not None and child.exitcode != 0:
         raise RuntimeError(f"stage 0: the LLM's training process failed (exit code {child.exitcode}); "
                            f"its traceback is above")
-    llm = train_text_llm(examples, out_dir / "llm", **llm_kwargs, progress=progress)  # parallel: read back
+    llm = train_llm(examples, out_dir / "llm", {**llm_kwargs, "progress": progress}, curriculum)  # parallel: read back
     return {"clip_path": out_dir / "clip.safetensors", "llm_dir": out_dir / "llm", "clip": clip, "llm": llm,
             "seconds": time.time() - start}

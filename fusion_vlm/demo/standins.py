@@ -284,7 +284,7 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
     (out / PROBE).write_text(json.dumps(probe, indent=2) + "\n")
     t_probe = time.time() - t0
     losses = {"clip": trained["clip"]["losses"], "clip_region": trained["clip"]["region_losses"],
-              "llm": trained["llm"]["losses"]}
+              "llm": trained["llm"]["losses"], "llm_phases": [r["losses"] for r in trained["llm"]["phases"]]}
     (out / CARD).write_text(model_card(out, probe, preset, seed, threads, world, losses))
     if not keep_work:
         shutil.rmtree(work)
@@ -294,6 +294,24 @@ def make_standins(out_dir: str | Path, world=None, preset: str = "ship", seed: i
 
 def _fmt(x: float) -> str:
     return f"{x:.1f}"
+
+
+def _curriculum_lines(curriculum, phase_losses: list[list[float]], lr: float) -> list[str]:
+    """The model card's lines on the LLM's later phases (``curriculum``, stage0.LLM_CURRICULUM's form) and
+    each phase's mean loss over its last 100 steps (``lr``: the recipe's, for phases that keep it)."""
+    lines = []
+    if curriculum:
+        lines.append(f"Then {len(curriculum)} more phase(s) (`fusion_vlm.demo.stage0.train_llm`), each from the "
+                     "previous phase's weights (rounded to float16) on scenes not read before:")
+        for k, ph in enumerate(curriculum, 1):
+            what = (f"questions of the families {', '.join(ph['families'])} only" if "families" in ph
+                    else "questions of every family")
+            mix = ph.get("context_mix")
+            lines.append(f"({k}) {ph['steps']} steps, lr {ph.get('lr', lr):g}, {what}, contexts "
+                         + (", ".join(f"{c} {w:.0%}" for c, w in mix.items()) if mix else "as above") + ";")
+    tails = [sum(xs[-100:]) / len(xs[-100:]) for xs in phase_losses]
+    return lines + [("Mean loss of the last 100 steps of each phase " if len(tails) > 1 else
+                     "Mean loss of the last 100 steps ") + " / ".join(f"{t:.3f}" for t in tails) + "."]
 
 
 def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world, losses: dict) -> str:
@@ -346,8 +364,9 @@ def model_card(d: Path, probe: dict, preset: str, seed: int, threads: int, world
         + (f", plus {p['llm_text_weight']:g} x the next-token loss on all the text, answers included"
            if p.get("llm_text_weight") else "")
         + f" (`fusion_vlm.demo.text_llm.train_text_llm`, seed {seed}).",
-        f"Mean loss of the last 100 steps {mean_tail(losses['llm']):.3f}. Stored in float16 "
-        "(`save_pretrained`).", "",
+        *_curriculum_lines(p.get("llm_curriculum", ()), losses.get("llm_phases") or [losses["llm"]],
+                           p.get("llm_lr", 2e-3)),
+        "Stored in float16 (`save_pretrained`).", "",
         "## Probe figures", "",
         f"Linear probes (logistic regression, `fusion_vlm.demo.standins.fit_linear_probe`) on the frozen vision "
         f"tower's last-block tokens: the 3x3 block of tokens at each object's centre, fitted on "

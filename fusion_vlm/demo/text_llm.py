@@ -202,17 +202,19 @@ def _draw_kinds(rng: random.Random, n: int, mix: dict[str, float]) -> list[str]:
     return rng.choices(names, weights=[mix[k] for k in names], k=n)
 
 
-def _scene_stream(world: WorldConfig):
-    """Endless fresh text-only scenes 0, 1, 2, ... of ``world`` (:func:`~fusion_vlm.demo.world.make_text_example`)."""
-    i = 0
+def _scene_stream(world: WorldConfig, first: int = 0):
+    """Endless fresh text-only scenes ``first``, ``first`` + 1, ... of ``world``
+    (:func:`~fusion_vlm.demo.world.make_text_example`)."""
+    i = first
     while True:
         yield make_text_example(i, world)
         i += 1
 
 
-def _question_stream(world: WorldConfig):
-    """Endless (scene, qa) pairs: the questions of fresh text-only scenes 0, 1, 2, ... of ``world``, in order."""
-    for ex in _scene_stream(world):
+def _question_stream(world: WorldConfig, first: int = 0):
+    """Endless (scene, qa) pairs: the questions of fresh text-only scenes ``first``, ``first`` + 1, ... of
+    ``world``, in order."""
+    for ex in _scene_stream(world, first):
         yield from ((ex, qa) for qa in ex.qas)
 
 
@@ -221,6 +223,7 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
                    num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 256,
                    context_mix: dict[str, float] | None = None, world: WorldConfig | None = None,
                    pack: bool = False, text_weight: float = 0.0, describe: float | None = None,
+                   families: tuple[str, ...] | None = None, init: str | Path | None = None, first_scene: int = 0,
                    progress: bool = True) -> dict:
     """Train the tokenizer (on ``examples``) then a tiny Llama on text only; ``save_pretrained`` both into
     ``out_dir``.
@@ -234,10 +237,16 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     loss is :func:`text_llm_loss`: the answers' (each with its closing ``</s>``; every training prefix up to
     the first token of an answer equals the generation prompt, so greedy answers stay in format), each
     answer counted once, plus ``text_weight`` times the next-token loss on all of the text.
+
+    A later phase of a curriculum: ``init`` (an LLM directory) is the start instead of a fresh model (its
+    tokenizer is kept and ``examples`` and the size arguments are unused; the weights are rounded to float16,
+    the precision the stand-ins ship in, so that continuing from a shipped LLM equals running the whole
+    curriculum), ``families`` replaces the world's question families for the text scenes, and the scenes
+    start at index ``first_scene`` (so that a phase reads scenes the earlier ones did not).
     Returns {"losses": list of ``steps`` floats, "seconds", "skipped": True when ``out_dir`` already held a
     finished run (then nothing is trained and the stored losses are returned)}.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     mix = dict(context_mix or {"none": 1.0})
     if set(mix) - set(TRAIN_CONTEXTS) or not sum(mix.values()) > 0:
@@ -248,21 +257,34 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
         if not 0.0 <= describe <= 1.0:
             raise ValueError(f"describe={describe!r}: expected a probability in [0, 1]")
         world = dataclasses.replace(world, description_prob=describe)
+    if families is not None:
+        if not families or set(families) - set(FAMILIES):
+            raise ValueError(f"families={families!r}: expected a non-empty subset of {FAMILIES}")
+        world = dataclasses.replace(world, families=tuple(families))
+    if init is not None and not (Path(init) / "config.json").is_file():
+        raise ValueError(f"init={str(init)!r}: not an LLM directory (no config.json); expected a trained stand-in LLM")
+    if first_scene < 0:
+        raise ValueError(f"first_scene={first_scene!r}: expected an index >= 0")
     out_dir = Path(out_dir)
     if (out_dir / LOSSES_FILE).is_file():
         stored = json.loads((out_dir / LOSSES_FILE).read_text())
         return {"losses": stored["losses"], "seconds": 0.0, "skipped": True}
     start = time.time()
-    tok = train_tokenizer(examples, out_dir, vocab_size)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    if init is not None:
+        tok = AutoTokenizer.from_pretrained(init)
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float16).float()
+    else:
+        tok = train_tokenizer(examples, out_dir, vocab_size)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                             num_key_value_heads=num_heads, max_position_embeddings=2048,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    stream = _scene_stream(world) if pack else _question_stream(world)
+    stream = _scene_stream(world, first_scene) if pack else _question_stream(world, first_scene)
     batches = ([next(stream) for _ in range(batch_size)] for _ in range(steps))
 
     def loss_of(batch):  # batch: [scene] (pack) or [(scene, qa)]
@@ -281,7 +303,9 @@ def train_text_llm(examples: list[Example], out_dir: str | Path, steps: int = 20
     seconds = time.time() - start
     (out_dir / LOSSES_FILE).write_text(json.dumps({"losses": losses, "seconds": seconds, "context_mix": mix,
                                                    "pack": pack, "text_weight": text_weight,
-                                                   "description_prob": world.description_prob}))
+                                                   "description_prob": world.description_prob,
+                                                   "families": list(world.families), "lr": lr, "init": init is not None,
+                                                   "first_scene": first_scene}))
     return {"losses": losses, "seconds": seconds, "skipped": False}
 
 
