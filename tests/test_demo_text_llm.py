@@ -21,6 +21,20 @@ def tok(examples, tmp_path_factory):
     return text_llm.train_tokenizer(examples, tmp_path_factory.mktemp("tok"))
 
 
+@pytest.fixture
+def seen_scenes(monkeypatch):
+    """The text scenes that training packs into sequences (a spy on ``scene_prompt``), in order."""
+    seen = []
+    original = text_llm.scene_prompt
+
+    def spy(tok, example, kind):
+        seen.append(example)
+        return original(tok, example, kind)
+
+    monkeypatch.setattr(text_llm, "scene_prompt", spy)
+    return seen
+
+
 def test_context_kinds(examples):
     ex = examples[0]
     qa = ex.qas[0]
@@ -213,22 +227,14 @@ def test_packed_training_with_the_text_loss_learns_and_is_deterministic(examples
 
 
 @pytest.mark.parametrize("describe", [1.0, 0.0])
-def test_describe_sets_how_often_a_text_scene_is_described(examples, tmp_path, monkeypatch, describe):
+def test_describe_sets_how_often_a_text_scene_is_described(examples, tmp_path, seen_scenes, describe):
     """``describe`` replaces the world's description_prob for the text scenes: every scene asks for its
     description at 1.0, none at 0.0 (the world's own is 0.25); the stored recipe records it."""
     import json
 
-    seen = []
-    original = text_llm.scene_prompt
-
-    def spy(tok, example, kind):
-        seen.append(example)
-        return original(tok, example, kind)
-
-    monkeypatch.setattr(text_llm, "scene_prompt", spy)
     text_llm.train_text_llm(examples, tmp_path / "d", steps=2, batch_size=6, seed=0, context_mix={"scene": 1.0},
                             world=WorldConfig(), pack=True, describe=describe, progress=False, **SMALL_LLM)
-    described = [any(qa.family == "description" for qa in ex.qas) for ex in seen]
+    described = [any(qa.family == "description" for qa in ex.qas) for ex in seen_scenes]
     assert len(described) == 12 and described == [describe == 1.0] * 12
     stored = json.loads((tmp_path / "d" / text_llm.LOSSES_FILE).read_text())
     assert stored["description_prob"] == describe
@@ -258,22 +264,14 @@ def test_init_continues_from_the_float16_rounding_of_a_trained_llm(examples, tmp
     assert stored["init"] is True and stored["first_scene"] == 12 and stored["lr"] == 0.0
 
 
-def test_families_and_first_scene_choose_the_text_scenes(examples, tmp_path, monkeypatch):
+def test_families_and_first_scene_choose_the_text_scenes(examples, tmp_path, seen_scenes):
     """``families`` replaces the world's question families and the scenes start at ``first_scene``."""
-    seen = []
-    original = text_llm.scene_prompt
-
-    def spy(tok, example, kind):
-        seen.append(example)
-        return original(tok, example, kind)
-
-    monkeypatch.setattr(text_llm, "scene_prompt", spy)
     text_llm.train_text_llm(examples, tmp_path / "f", steps=2, batch_size=3, seed=0, context_mix={"scene": 1.0},
                             world=WorldConfig(), pack=True, describe=0.0, families=("existence",), first_scene=5,
                             progress=False, **SMALL_LLM)
-    assert [ex.id for ex in seen] == [f"text-{i:06d}" for i in range(5, 11)]
-    assert {qa.family for ex in seen for qa in ex.qas} == {"existence"}
-    assert [qa.question for qa in seen[0].qas] != [qa.question for qa in make_text_example(5, WorldConfig()).qas]
+    assert [ex.id for ex in seen_scenes] == [f"text-{i:06d}" for i in range(5, 11)]
+    assert {qa.family for ex in seen_scenes for qa in ex.qas} == {"existence"}
+    assert [qa.question for qa in seen_scenes[0].qas] != [qa.question for qa in make_text_example(5, WorldConfig()).qas]
 
 
 @pytest.mark.parametrize("bad, match", [({"families": ("colour",)}, "families=\\('colour',\\)"),
