@@ -155,6 +155,6 @@ def test_model_card_states_each_curriculum_phase_and_its_final_loss():
                   {"steps": 2})
     lines = standins._curriculum_lines(curriculum, [[9.0] * 150 + [1.0] * 100, [5.0, 3.0, 1.0, 2.0], [0.5, 0.25]], 2e-3)
     assert lines[1] == "(1) 4 steps, lr 0.001, questions of the families existence, description only, contexts scene 100%;"
-    assert lines[2] == "(2) 2 steps, lr 0.002, questions of every family, contexts as above;"
+    assert lines[2] == "(2) 2 steps, lr 0.002, questions of every family, contexts as above."
     assert lines[3] == "Mean loss of the last 100 steps of each phase 1.000 / 2.750 / 0.375."
     assert standins._curriculum_lines((), [[2.0, 4.0]], 2e-3) == ["Mean loss of the last 100 steps 3.000."]

@@ -308,7 +308,8 @@ def _curriculum_lines(curriculum, phase_losses: list[list[float]], lr: float) ->
                     else "questions of every family")
             mix = ph.get("context_mix")
             lines.append(f"({k}) {ph['steps']} steps, lr {ph.get('lr', lr):g}, {what}, contexts "
-                         + (", ".join(f"{c} {w:.0%}" for c, w in mix.items()) if mix else "as above") + ";")
+                         + (", ".join(f"{c} {w:.0%}" for c, w in mix.items()) if mix else "as above")
+                         + (";" if k < len(curriculum) else "."))
     tails = [sum(xs[-100:]) / len(xs[-100:]) for xs in phase_losses]
     return lines + [("Mean loss of the last 100 steps of each phase " if len(tails) > 1 else
                      "Mean loss of the last 100 steps ") + " / ".join(f"{t:.3f}" for t in tails) + "."]
