@@ -15,6 +15,7 @@ exists (outputs are completed atomically, so an interrupted run is redone, a fin
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -352,7 +353,8 @@ def train_llm(examples: list[Example], llm_dir: str | Path, kwargs: dict, curric
         if k:
             args.update(init=init, first_scene=first)
         phases.append(train_text_llm(examples, d, **args))
-        first, init = first + args.get("steps", 200) * args.get("batch_size", 16), d
+        batch = args.get("batch_size", inspect.signature(train_text_llm).parameters["batch_size"].default)
+        first, init = first + len(phases[-1]["losses"]) * batch, d  # one loss per step
     return {"losses": [x for r in phases for x in r["losses"]], "seconds": sum(r["seconds"] for r in phases),
             "skipped": all(r["skipped"] for r in phases), "phases": phases}
 
